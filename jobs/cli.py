@@ -1,0 +1,207 @@
+"""The `lenet-tune` command: parse flags into configs, call the job's plain function, print a summary.
+
+    lenet-tune tune --smoke          # a whole sweep on synthetic data, about a minute
+    lenet-tune tune --data imagefolder:/tmp/cifar --num-samples 8 --epochs 10
+    lenet-tune train --lr 0.05 --epochs 10 --data cifar10
+    lenet-tune evaluate --model models:/lenet-cifar10@champion
+    lenet-tune ui
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from pydantic import ValidationError
+
+from jobs.runtime import UsageError
+from trainables.config import DataConfig, HyperParams, Resources, SearchSpace, SweepConfig, TrackingConfig
+from trainables.data import DataError
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line on stderr (plus exit 2), not a usage dump."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    return tuple(float(v) for v in text.split(","))
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(v) for v in text.split(","))
+
+
+def add_common(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("data, scaling and tracking")
+    group.add_argument("--data", help="'cifar10' (download), 'imagefolder:PATH' or 'synthetic' (default cifar10)")
+    group.add_argument("--data-dir", help="where cifar10 is downloaded and cached (default ./data)")
+    group.add_argument("--max-train-images", type=int, help="cap on training images, stratified (default all)")
+    group.add_argument("--seed", type=int, help="seeds the split, weights and search (default 0)")
+    group.add_argument("--epochs", type=int, help="epochs per trial (default 10; 2 with --smoke)")
+    group.add_argument("--workers-per-trial", type=int, help="DDP workers per trial (default 1)")
+    group.add_argument("--cpus-per-worker", type=int, help="CPU cores per worker = torch threads (default 1)")
+    group.add_argument("--gpus-per-worker", type=float,
+                       help="GPUs per worker; a fraction in (0,1] packs trials on a GPU (default 0 = CPU)")
+    group.add_argument("--name", help="sweep / run name: Ray results folder and MLflow run (default lenet-DATE)")
+    group.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or ./mlflow.db)")
+    group.add_argument("--experiment", help="MLflow experiment (default lenet-cifar10)")
+    group.add_argument("--storage-path", help="Ray results and checkpoints (default $LENET_STORAGE_PATH or ./results)")
+    group.add_argument("--smoke", action="store_true",
+                       help="small synthetic data, 3 trials x 2 epochs: a whole sweep in about a minute")
+
+
+def add_hparams(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("hyperparameters")
+    group.add_argument("--lr", type=float, help="peak SGD learning rate (default 0.05)")
+    group.add_argument("--batch-size", type=int, help="images per step over all workers (default 128)")
+    group.add_argument("--momentum", type=float, help="SGD momentum (default 0.9)")
+    group.add_argument("--weight-decay", type=float, help="L2 penalty (default 5e-4)")
+    group.add_argument("--dilation", type=int, help="dilation of both convolutions (default 1)")
+    group.add_argument("--padding", type=int, help="padding of both convolutions in pixels (default 0)")
+    group.add_argument("--augment", choices=["none", "flip", "flip-crop"], help="batched augmentation (default flip)")
+    group.add_argument("--schedule", choices=["cosine", "constant"], help="learning-rate schedule (default cosine)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(prog="lenet-tune", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
+
+    tune_cmd = commands.add_parser("tune", help="search hyperparameters with Ray Tune + Ray Train")
+    add_common(tune_cmd)
+    space = tune_cmd.add_argument_group("search")
+    space.add_argument("--num-samples", type=int, help="trials to launch (default 8; 3 with --smoke)")
+    space.add_argument("--search", choices=["random", "optuna"], help="search algorithm (default random)")
+    space.add_argument("--scheduler", choices=["asha", "fifo"], help="early stopping (default asha)")
+    space.add_argument("--grace-period", type=int, help="epochs before ASHA may stop a trial (default 2)")
+    space.add_argument("--max-concurrent", type=int, help="trials at once (default: as many as the cluster fits)")
+    space.add_argument("--lr-range", type=_floats, metavar="MIN,MAX", help="log-uniform lr range (default 0.005,0.2)")
+    space.add_argument("--dilations", type=_ints, metavar="D,...", help="dilations to try (default 1,2)")
+    space.add_argument("--paddings", type=_ints, metavar="P,...", help="paddings to try (default 0,1,2)")
+    space.add_argument("--batch-sizes", type=_ints, metavar="B,...", help="batch sizes to try (default 64,128,256)")
+    space.add_argument("--momentums", type=_floats, metavar="M,...", help="momentums to try (default 0.8,0.9,0.95)")
+
+    train_cmd = commands.add_parser("train", help="one training run with fixed hyperparameters")
+    add_common(train_cmd)
+    add_hparams(train_cmd)
+
+    eval_cmd = commands.add_parser("evaluate", help="test-split accuracy of a registered or logged model")
+    eval_cmd.add_argument("--model", default="models:/lenet-cifar10@champion",
+                          help="MLflow model URI (default models:/lenet-cifar10@champion)")
+    eval_cmd.add_argument("--data", help="data source of the test split (default cifar10)")
+    eval_cmd.add_argument("--data-dir", help="where cifar10 is cached (default ./data)")
+    eval_cmd.add_argument("--seed", type=int, help="split seed used in training (default 0)")
+    eval_cmd.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or ./mlflow.db)")
+    eval_cmd.add_argument("--json", action="store_true", help="print JSON")
+
+    ui_cmd = commands.add_parser("ui", help="serve the MLflow UI for the tracking store")
+    ui_cmd.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or ./mlflow.db)")
+    ui_cmd.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    ui_cmd.add_argument("--port", type=int, default=5000, help="port (default 5000)")
+    return parser
+
+
+def _given(args, **names) -> dict:
+    """{config_field: value} for the flags the user actually gave."""
+    return {field: getattr(args, flag) for field, flag in names.items()
+            if getattr(args, flag, None) is not None}
+
+
+def configs_from_args(args) -> dict:
+    """Frozen configs from flags; --smoke supplies defaults that explicit flags still override."""
+    smoke = {"data": {}, "sweep": {}, "space": {}}
+    if getattr(args, "smoke", False):
+        from jobs.tune import smoke_overrides
+
+        smoke = smoke_overrides()
+    data = DataConfig(**{**smoke["data"], **_given(args, source="data", data_dir="data_dir",
+                                                   max_train_images="max_train_images", seed="seed")})
+    epochs = args.epochs if args.epochs is not None else smoke["sweep"].get("epochs")
+    hparams = HyperParams(**_given(args, lr="lr", batch_size="batch_size", momentum="momentum",
+                                   weight_decay="weight_decay", dilation="dilation", padding="padding",
+                                   augment="augment", schedule="schedule", seed="seed"),
+                          **({"epochs": epochs} if epochs is not None else {}))
+    resources = Resources(**_given(args, workers_per_trial="workers_per_trial",
+                                   cpus_per_worker="cpus_per_worker", gpus_per_worker="gpus_per_worker"))
+    tracking = TrackingConfig(**_given(args, tracking_uri="tracking_uri", experiment="experiment",
+                                       storage_path="storage_path"))
+    from jobs.tune import default_name
+
+    sweep = SweepConfig(**{**smoke["sweep"], **_given(
+        args, num_samples="num_samples", search="search", scheduler="scheduler",
+        grace_period="grace_period", max_concurrent="max_concurrent", seed="seed"),
+        "epochs": hparams.epochs, "name": args.name or default_name()})
+    space = SearchSpace(**{**smoke["space"], **_given(args, lr="lr_range", dilations="dilations", paddings="paddings",
+                                 batch_sizes="batch_sizes", momentums="momentums")})
+    return {"data": data, "hparams": hparams, "resources": resources, "tracking": tracking,
+            "sweep": sweep, "space": space}
+
+
+def describe_validation_error(error: ValidationError) -> str:
+    first = error.errors()[0]
+    field = ".".join(str(part) for part in first["loc"]) or error.title
+    value = first.get("input")
+    message = first["msg"].removeprefix("Value error, ")
+    if isinstance(value, dict):  # a model-level check: its message names the values itself
+        return message
+    return f"{field}={value!r}: {message}"
+
+
+def run_command(args) -> int:
+    if args.command == "ui":
+        from jobs.ui import serve_ui
+
+        tracking = TrackingConfig(**_given(args, tracking_uri="tracking_uri"))
+        return serve_ui(tracking.resolved_uri(), args.host, args.port)
+    if args.command == "evaluate":
+        from jobs.evaluate import evaluate_model
+
+        data = DataConfig(**_given(args, source="data", data_dir="data_dir", seed="seed"))
+        report = evaluate_model(args.model, data, TrackingConfig(**_given(args, tracking_uri="tracking_uri")))
+        print(json.dumps(report, indent=2) if args.json else
+              f"{report['model_uri']}: test accuracy {report['test_acc']:.4f} on {report['test_images']} images")
+        return 0
+
+    configs = configs_from_args(args)
+    if args.command == "tune":
+        from jobs.tune import param_space, run_sweep
+
+        space = param_space(configs["space"])  # refuses an impossible geometry before any work
+        outcome = run_sweep(configs["sweep"], space, configs["hparams"], configs["data"],
+                            configs["resources"], configs["tracking"])
+    else:
+        from jobs.train import run_training
+
+        outcome = run_training(configs["sweep"].name, configs["hparams"], configs["data"],
+                               configs["resources"], configs["tracking"])
+    print_summary(outcome, configs["tracking"])
+    return 0
+
+
+def print_summary(outcome, tracking) -> None:
+    test = outcome.test
+    print(f"\n{outcome.num_trials} trial(s) in {outcome.name}; best val_acc {outcome.best_val_acc:.4f}, "
+          f"test accuracy {test['test_acc']:.4f}")
+    print(f"best config: {json.dumps(outcome.best_config)}")
+    champion = "now the champion" if test["promoted"] else f"champion kept ({test['previous_champion_acc']:.4f})"
+    print(f"registered {tracking.model_name} version {test['version']}: {champion}")
+    print(f"results: {outcome.results_path}\nMLflow: {tracking.resolved_uri()}  (browse: lenet-tune ui)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run_command(args)
+    except ValidationError as error:
+        message = describe_validation_error(error)
+    except (UsageError, DataError) as error:
+        message = str(error)
+    print(f"lenet-tune: error: {message}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,84 @@
+"""What every job needs before work starts: a Ray runtime and one-line usage errors."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import ray
+
+
+class UsageError(ValueError):
+    """A user's mistake: printed as one line naming the value and the fix, exit status 2."""
+
+
+def connect_ray(num_cpus: int | None = None) -> dict:
+    """Join $RAY_ADDRESS if set, else start Ray in this process bound to loopback.
+
+    Returns the cluster's resources. An in-process Ray started here generates and
+    uses its own authentication token (Ray 2.60's default for local clusters).
+    """
+    if not ray.is_initialized():
+        address = os.environ.get("RAY_ADDRESS")
+        if address:
+            ray.init(address=address, log_to_driver=True)
+        else:
+            # Ray Train frees a stopped trial's workers through the state API, which the
+            # dashboard serves: without it, trials that ASHA stops keep their CPUs forever.
+            # Naming its address lets Ray's processes find *this* Ray when others run too.
+            dashboard_port = free_port()
+            os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{dashboard_port}"
+            keep_ray_on_loopback()
+            ray.init(
+                num_cpus=num_cpus,
+                # Never listen on or advertise a public interface for a laptop run.
+                _node_ip_address="127.0.0.1",
+                include_dashboard=True,
+                dashboard_host="127.0.0.1",
+                dashboard_port=dashboard_port,
+                configure_logging=False,
+            )
+    return ray.cluster_resources()
+
+
+def keep_ray_on_loopback() -> None:
+    """Make Ray advertise 127.0.0.1 instead of swapping it for the machine's routable address.
+
+    Ray does that swap on Linux so that other nodes can join; a laptop cluster has
+    no other nodes. This is the switch Ray itself uses on macOS and Windows; the
+    environment variable carries it to the raylet and workers.
+    """
+    from ray._private import ray_constants
+
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def max_concurrent_trials(cluster: dict, workers: int, cpus_per_worker: int, gpus_per_worker: float) -> int:
+    """How many trials fit the cluster at once, so trials never oversubscribe cores or GPUs."""
+    fits = int(cluster.get("CPU", 0) // (workers * cpus_per_worker))
+    if gpus_per_worker:
+        fits = min(fits, int(cluster.get("GPU", 0) // (workers * gpus_per_worker) + 1e-9))
+    return fits
+
+
+def check_fits(cluster: dict, workers: int, cpus_per_worker: int, gpus_per_worker: float) -> None:
+    """Refuse up front a trial that could never be scheduled (it would wait forever)."""
+    if gpus_per_worker and cluster.get("GPU", 0) < gpus_per_worker:
+        raise UsageError(
+            f"--gpus-per-worker {gpus_per_worker} but the Ray cluster has {cluster.get('GPU', 0):g} GPUs: "
+            "use --gpus-per-worker 0 or a cluster with GPUs"
+        )
+    if max_concurrent_trials(cluster, workers, cpus_per_worker, gpus_per_worker) < 1:
+        raise UsageError(
+            f"a trial needs {workers} workers x {cpus_per_worker} CPUs"
+            f"{f' x {gpus_per_worker} GPUs' if gpus_per_worker else ''} but the Ray cluster has "
+            f"{cluster.get('CPU', 0):g} CPUs, {cluster.get('GPU', 0):g} GPUs: lower --workers-per-trial, "
+            "--cpus-per-worker or --gpus-per-worker"
+        )

@@ -1,0 +1,62 @@
+"""Bad input: one line naming the value and the fix, exit status 2, no traceback, nothing written."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from jobs.cli import main
+
+BAD_INPUT = [
+    (["tune", "--epochs", "0"], "epochs=0"),
+    (["tune", "--num-samples", "-1"], "num_samples=-1"),
+    (["tune", "--workers-per-trial", "0"], "workers_per_trial=0"),
+    (["tune", "--cpus-per-worker", "0"], "cpus_per_worker=0"),
+    (["tune", "--gpus-per-worker", "1.5"], "gpus_per_worker=1.5"),
+    (["tune", "--data", "mnist"], "unknown data source 'mnist'"),
+    (["tune", "--dilations", "3", "--paddings", "0"], "dilation=3, padding=0"),
+    (["tune", "--dilations", "4,5", "--paddings", "0,1"], "no (dilation, padding) pair"),
+    (["tune", "--lr-range", "0,0.1"], "lr"),
+    (["train", "--lr", "-1"], "lr=-1.0"),
+    (["train", "--dilation", "4", "--padding", "0"], "dilation=4, padding=0"),
+    (["tune", "--search", "grid"], "invalid choice: 'grid'"),
+    (["tune", "--scheduler", "pbt"], "invalid choice: 'pbt'"),
+]
+
+
+@pytest.mark.parametrize("argv,named", BAD_INPUT)
+def test_bad_flag_is_one_line_exit_2_and_writes_nothing(argv, named, workdir, capsys):
+    with pytest.raises(SystemExit) as stop:  # argparse's own refusals exit directly
+        raise SystemExit(main(argv))
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert named in err, err
+    assert len(err.splitlines()) == 1, err
+    assert os.listdir(workdir) == []  # no mlflow.db, no results folder, no data folder
+
+
+def test_missing_imagefolder_refused_before_any_work(workdir, capsys):
+    assert main(["tune", "--data", f"imagefolder:{workdir / 'nope'}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "nope does not exist" in err and "imagefolder:PATH" in err
+    assert os.listdir(workdir) == []
+
+
+def test_installed_command_prints_no_traceback(workdir):
+    """The real console script, as a user runs it."""
+    command = [os.path.join(os.path.dirname(sys.executable), "lenet-tune"), "tune", "--epochs", "0"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr
+    assert done.stderr.strip() == (
+        "lenet-tune: error: epochs=0: Input should be greater than 0"
+    )
+
+
+def test_help_states_defaults_and_units(capsys):
+    with pytest.raises(SystemExit):
+        main(["tune", "--help"])
+    text = capsys.readouterr().out
+    for phrase in ("default 8", "default 0 = CPU", "--smoke", "log-uniform"):
+        assert phrase in text

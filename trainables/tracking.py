@@ -1,0 +1,214 @@
+"""MLflow tracking: one parent run per sweep, one nested run per trial, and the champion model.
+
+Workers never talk to MLflow. They report to Ray; the sweep driver logs rank 0's
+reports through `TrialLogger`, a Tune callback. One writer process keeps a SQLite
+store free of "database is locked", and a slow tracking server never stalls a
+training step.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+import subprocess
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import torch
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+from ray import tune
+
+from trainables.data import Splits
+from trainables.evaluation import confusion_matrix, plot_confusion, serving_model, summarize
+
+EPOCH_METRICS = ("train_loss", "val_loss", "val_acc", "epoch_seconds", "images_per_second")
+CHAMPION_ALIAS = "champion"
+PARENT_TAG = "mlflow.parentRunId"
+
+
+def configure(tracking_uri: str, experiment: str) -> str:
+    """Point MLflow at tracking_uri and return the experiment's id, creating it if needed."""
+    mlflow.set_tracking_uri(tracking_uri)
+    found = mlflow.get_experiment_by_name(experiment)
+    if found:
+        return found.experiment_id
+    artifact_location = None
+    if tracking_uri.startswith("sqlite:///"):
+        # Artifacts beside the database file, so the whole store is one folder to keep or delete.
+        db_path = Path(tracking_uri[len("sqlite:///"):])
+        artifact_location = (db_path.parent / "mlartifacts").resolve().as_uri()
+    return mlflow.create_experiment(experiment, artifact_location=artifact_location)
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                              cwd=Path(__file__).parent).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def run_tags(data_source: str) -> dict:
+    import ray
+
+    return {
+        "git_commit": git_commit(),
+        "data_source": data_source,
+        "ray_version": ray.__version__,
+        "torch_version": torch.__version__,
+        "mlflow_version": mlflow.__version__,
+        "python_version": platform.python_version(),
+    }
+
+
+def flat_params(params: dict) -> dict:
+    """MLflow params are strings; None becomes 'None' rather than vanishing."""
+    return {key: str(value) for key, value in params.items()}
+
+
+def find_child_run(client: MlflowClient, experiment_id: str, parent_run_id: str | None, trial_id: str):
+    """The run already logged for this trial (a restarted or resumed trial), or None."""
+    query = f"tags.trial_id = '{trial_id}'"
+    if parent_run_id:
+        query += f" and tags.`{PARENT_TAG}` = '{parent_run_id}'"
+    runs = client.search_runs([experiment_id], query, max_results=1)
+    return runs[0] if runs else None
+
+
+class TrialLogger(tune.Callback):
+    """Logs every Tune trial as an MLflow run (nested under parent_run_id when given).
+
+    trial_params(config) turns a trial's sampled config into the full parameter dict.
+    Metrics are logged with step = epoch; an epoch already logged is never logged again,
+    so a trial that resumes from a checkpoint leaves no duplicate points.
+    """
+
+    def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str | None,
+                 trial_params, tags: dict, max_epochs: int):
+        self.tracking_uri = tracking_uri
+        self.experiment_id = experiment_id
+        self.parent_run_id = parent_run_id
+        self.trial_params = trial_params
+        self.tags = tags
+        self.max_epochs = max_epochs
+        self.run_ids: dict[str, str] = {}  # trial_id -> MLflow run id
+        self.logged_epochs: dict[str, set[int]] = {}
+
+    @property
+    def client(self) -> MlflowClient:
+        return MlflowClient(self.tracking_uri)
+
+    def run_id_for(self, trial) -> str:
+        if trial.trial_id in self.run_ids:
+            return self.run_ids[trial.trial_id]
+        client = self.client
+        existing = find_child_run(client, self.experiment_id, self.parent_run_id, trial.trial_id)
+        if existing:  # resumed sweep: continue the same run
+            run_id = existing.info.run_id
+            history = client.get_metric_history(run_id, "val_acc")
+            self.logged_epochs[trial.trial_id] = {int(m.step) for m in history}
+            client.update_run(run_id, status="RUNNING")
+        else:
+            tags = {**self.tags, "trial_id": trial.trial_id, "mlflow.runName": f"trial-{trial.trial_id}"}
+            if self.parent_run_id:
+                tags[PARENT_TAG] = self.parent_run_id
+            run_id = client.create_run(self.experiment_id, tags=tags).info.run_id
+            params = flat_params(self.trial_params(trial.config))
+            client.log_batch(run_id, params=[Param(k, v) for k, v in params.items()])
+            self.logged_epochs[trial.trial_id] = set()
+        self.run_ids[trial.trial_id] = run_id
+        return run_id
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self.run_id_for(trial)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        run_id = self.run_id_for(trial)
+        epoch = int(result.get("epoch", result.get("training_iteration", 0)))
+        seen = self.logged_epochs.setdefault(trial.trial_id, set())
+        if epoch in seen:
+            return
+        seen.add(epoch)
+        timestamp = int(result.get("timestamp", 0) * 1000) or None
+        metrics = [
+            Metric(key, float(result[key]), timestamp or 0, epoch)
+            for key in EPOCH_METRICS
+            if key in result and isinstance(result[key], (int, float))
+        ]
+        tags = [RunTag("diverged", "true")] if result.get("diverged") else []
+        self.client.log_batch(run_id, metrics=metrics, tags=tags)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._finish(trial, "FINISHED")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._finish(trial, "FAILED")
+
+    def _finish(self, trial, status: str) -> None:
+        run_id = self.run_id_for(trial)
+        last = trial.last_result or {}
+        epochs_run = int(last.get("epoch", 0))
+        client = self.client
+        client.set_tag(run_id, "epochs_run", str(epochs_run))
+        client.set_tag(run_id, "diverged", "true" if last.get("diverged") else "false")
+        # ASHA stops a trial by ending it early: say so, so users don't mistake it for a crash.
+        stopped = status == "FINISHED" and epochs_run < self.max_epochs and not last.get("diverged")
+        client.set_tag(run_id, "stopped_early", "true" if stopped else "false")
+        best = last.get("val_acc")
+        if isinstance(best, (int, float)) and math.isfinite(best):
+            history = client.get_metric_history(run_id, "val_acc")
+            client.log_metric(run_id, "best_val_acc", max([m.value for m in history] + [best]))
+        client.set_terminated(run_id, status)
+
+
+def log_champion(run_id: str, checkpoint_state: dict, splits: Splits, model_name: str) -> dict:
+    """Evaluate a checkpoint on the test split, log it on run_id, register it, maybe promote it.
+
+    The alias `champion` moves to the new version only when its test accuracy beats
+    the current champion's. Returns the test summary plus the registry outcome.
+    """
+    model = serving_model(checkpoint_state)
+    confusion = confusion_matrix(model, splits.test_images, splits.test_labels, len(splits.classes))
+    summary = summarize(confusion, splits.classes)
+    example = np.asarray(splits.test_images[:4], dtype=np.float32)
+    with torch.no_grad():
+        example_logits = model(torch.as_tensor(example)).numpy()
+    with mlflow.start_run(run_id=run_id):
+        mlflow.log_metric("test_acc", summary["test_acc"])
+        mlflow.log_metrics({f"test_acc_{name}": acc for name, acc in summary["per_class_acc"].items()})
+        mlflow.log_dict({"classes": list(splits.classes), "confusion": confusion.tolist(),
+                         **summary}, "evaluation/test_report.json")
+        mlflow.log_figure(plot_confusion(confusion, splits.classes), "evaluation/confusion_matrix.png")
+        info = mlflow.pytorch.log_model(
+            model,
+            name="model",
+            signature=mlflow.models.infer_signature(example, example_logits),
+            input_example=example,
+            # torch.export's graph: loading it runs no pickled code and needs no lenet-tune install.
+            serialization_format="pt2",
+        )
+    version = mlflow.register_model(info.model_uri, model_name, tags={"test_acc": f"{summary['test_acc']:.6f}",
+                                                                      "run_id": run_id})
+    promoted, previous = promote_if_better(model_name, version.version, summary["test_acc"])
+    return {**summary, "model_uri": info.model_uri, "version": version.version,
+            "promoted": promoted, "previous_champion_acc": previous}
+
+
+def promote_if_better(model_name: str, version: str, test_acc: float):
+    """Move the champion alias to `version` if it beats the current champion. (promoted, old acc)."""
+    client = MlflowClient()
+    try:
+        current = client.get_model_version_by_alias(model_name, CHAMPION_ALIAS)
+        current_acc = float(current.tags.get("test_acc", "nan"))
+    except MlflowException:
+        current, current_acc = None, None
+    if current is None or not (current_acc >= test_acc):  # nan compares False: replace it
+        client.set_registered_model_alias(model_name, CHAMPION_ALIAS, version)
+        return True, current_acc
+    return False, current_acc
+
+

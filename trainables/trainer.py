@@ -1,0 +1,55 @@
+"""The one builder of the TorchTrainer, shared by `lenet-tune train` and every tune trial."""
+
+from __future__ import annotations
+
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from trainables.config import HyperParams, Resources
+from trainables.loop import train_loop_per_worker
+
+BEST_METRIC = "val_acc"
+
+
+def build_trainer(
+    hparams: HyperParams,
+    resources: Resources,
+    data_ref,
+    name: str,
+    storage_path: str,
+    max_failures: int = 2,
+    callbacks: list | None = None,
+) -> TorchTrainer:
+    """A TorchTrainer running `train_loop_per_worker` on resources.workers_per_trial workers.
+
+    data_ref is the ObjectRef of the shared `Splits`. Re-running with the same name
+    and storage_path resumes from that run's latest checkpoint.
+    """
+    worker_resources = {"CPU": resources.cpus_per_worker}
+    if resources.use_gpu:
+        # A fraction (e.g. 0.25) lets Ray pack several trials on one GPU.
+        worker_resources["GPU"] = resources.gpus_per_worker
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "hparams": hparams.model_dump(),
+            "cpus_per_worker": resources.cpus_per_worker,
+            "data_ref": data_ref,
+        },
+        scaling_config=ScalingConfig(
+            num_workers=resources.workers_per_trial,
+            use_gpu=resources.use_gpu,
+            resources_per_worker=worker_resources,
+        ),
+        run_config=RunConfig(
+            name=name,
+            storage_path=storage_path,
+            # Keep the best two by validation accuracy; the best is what we evaluate and register.
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=2, checkpoint_score_attribute=BEST_METRIC, checkpoint_score_order="max"
+            ),
+            # A killed worker restarts the group, which resumes from the latest checkpoint.
+            failure_config=FailureConfig(max_failures=max_failures),
+            callbacks=callbacks or [],
+        ),
+    )
