@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 
@@ -18,6 +19,10 @@ from pydantic import ValidationError
 from jobs.runtime import UsageError
 from trainables.config import DataConfig, HyperParams, Resources, SearchSpace, SweepConfig, TrackingConfig
 from trainables.data import DataError
+
+
+# Job modules that register their own sub-command (add_parser) and handle it (run).
+PLUGGED_COMMANDS: list[str] = []
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -50,6 +55,9 @@ def add_common(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or ./mlflow.db)")
     group.add_argument("--experiment", help="MLflow experiment (default lenet-cifar10)")
     group.add_argument("--storage-path", help="Ray results and checkpoints (default $LENET_STORAGE_PATH or ./results)")
+    group.add_argument("--trial-runner", choices=["auto", "torchtrainer"],
+                       help="auto: one-worker trials run the loop in the Tune trial, skipping "
+                            "TorchTrainer start-up; multi-worker trials always use TorchTrainer (default auto)")
     group.add_argument("--smoke", action="store_true",
                        help="small synthetic data, 3 trials x 2 epochs: a whole sweep in about a minute")
 
@@ -73,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     tune_cmd = commands.add_parser("tune", help="search hyperparameters with Ray Tune + Ray Train")
     add_common(tune_cmd)
     space = tune_cmd.add_argument_group("search")
+    space.add_argument("--resume", metavar="NAME",
+                       help="continue the interrupted sweep NAME with its saved configuration: finished "
+                            "trials are kept, unfinished ones resume from checkpoints, MLflow runs continue")
     space.add_argument("--num-samples", type=int, help="trials to launch (default 8; 3 with --smoke)")
     space.add_argument("--search", choices=["random", "optuna"], help="search algorithm (default random)")
     space.add_argument("--scheduler", choices=["asha", "fifo"], help="early stopping (default asha)")
@@ -101,6 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
     ui_cmd.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or ./mlflow.db)")
     ui_cmd.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     ui_cmd.add_argument("--port", type=int, default=5000, help="port (default 5000)")
+
+    # Commands that live in their own job module: each has add_parser(commands) and run(args) -> int.
+    for name in PLUGGED_COMMANDS:
+        importlib.import_module(name).add_parser(commands)
     return parser
 
 
@@ -132,7 +147,8 @@ def configs_from_args(args) -> dict:
 
     sweep = SweepConfig(**{**smoke["sweep"], **_given(
         args, num_samples="num_samples", search="search", scheduler="scheduler",
-        grace_period="grace_period", max_concurrent="max_concurrent", seed="seed"),
+        grace_period="grace_period", max_concurrent="max_concurrent", seed="seed",
+        trial_runner="trial_runner"),
         "epochs": hparams.epochs, "name": args.name or default_name()})
     space = SearchSpace(**{**smoke["space"], **_given(args, lr="lr_range", dilations="dilations", paddings="paddings",
                                  batch_sizes="batch_sizes", momentums="momentums")})
@@ -151,6 +167,8 @@ def describe_validation_error(error: ValidationError) -> str:
 
 
 def run_command(args) -> int:
+    if getattr(args, "handler", None):  # a plugged command: its module parses and runs it
+        return args.handler(args)
     if args.command == "ui":
         from jobs.ui import serve_ui
 
@@ -166,7 +184,13 @@ def run_command(args) -> int:
         return 0
 
     configs = configs_from_args(args)
-    if args.command == "tune":
+    if args.command == "tune" and args.resume:
+        from jobs.tune import resume_configs, run_sweep
+
+        configs = resume_configs(args.resume, configs["tracking"])
+        outcome = run_sweep(configs["sweep"], {}, configs["hparams"], configs["data"],
+                            configs["resources"], configs["tracking"], resume=True)
+    elif args.command == "tune":
         from jobs.tune import param_space, run_sweep
 
         space = param_space(configs["space"])  # refuses an impossible geometry before any work
@@ -175,7 +199,7 @@ def run_command(args) -> int:
     else:
         from jobs.train import run_training
 
-        outcome = run_training(configs["sweep"].name, configs["hparams"], configs["data"],
+        outcome = run_training(configs["sweep"], configs["hparams"], configs["data"],
                                configs["resources"], configs["tracking"])
     print_summary(outcome, configs["tracking"])
     return 0

@@ -82,3 +82,25 @@ def check_fits(cluster: dict, workers: int, cpus_per_worker: int, gpus_per_worke
             f"{cluster.get('CPU', 0):g} CPUs, {cluster.get('GPU', 0):g} GPUs: lower --workers-per-trial, "
             "--cpus-per-worker or --gpus-per-worker"
         )
+
+
+def check_multinode(storage_path: str, tracking_uri: str, alive_nodes: int) -> None:
+    """On a cluster of several nodes, refuse places that only one node can see.
+
+    Ray Train writes checkpoints from whichever node a worker lands on, so the
+    storage path must be shared (s3://, gs://, or a shared filesystem the user
+    vouches for with LENET_SHARED_STORAGE=1). A SQLite or file MLflow store would
+    strand the runs on the driver's node, out of reach of the UI and other jobs.
+    """
+    if alive_nodes <= 1:
+        return
+    if "://" not in storage_path and os.environ.get("LENET_SHARED_STORAGE") != "1":
+        raise UsageError(
+            f"storage path {storage_path} is local but the Ray cluster has {alive_nodes} nodes: "
+            "use --storage-path s3://BUCKET/PATH or gs://..., or set LENET_SHARED_STORAGE=1 for a shared mount"
+        )
+    if tracking_uri.startswith(("sqlite:", "file:", "/")) or "://" not in tracking_uri:
+        raise UsageError(
+            f"MLflow URI {tracking_uri} is a local store but the Ray cluster has {alive_nodes} nodes: "
+            "run an MLflow server (lenet-tune cluster up, or cluster/README.md) and pass --tracking-uri http://..."
+        )

@@ -17,9 +17,11 @@ from jobs.tune import SweepOutcome, run_sweep
 from trainables.config import DataConfig, HyperParams, Resources, SweepConfig, TrackingConfig
 
 
-def run_training(name: str, hparams: HyperParams, data: DataConfig, resources: Resources,
+def run_training(sweep: SweepConfig, hparams: HyperParams, data: DataConfig, resources: Resources,
                  tracking_cfg: TrackingConfig) -> SweepOutcome:
-    sweep = SweepConfig(name=name, num_samples=1, epochs=hparams.epochs, scheduler="fifo")
+    """Train once; of `sweep` only the name and trial runner matter."""
+    sweep = sweep.model_copy(update={"num_samples": 1, "epochs": hparams.epochs, "scheduler": "fifo",
+                                     "search": "random"})
     fixed = {  # constants, not search domains: exactly one trial
         "lr": hparams.lr, "batch_size": hparams.batch_size, "momentum": hparams.momentum,
         "augment": hparams.augment, "geometry": f"{hparams.dilation}:{hparams.padding}",

@@ -18,18 +18,19 @@ import os
 from dataclasses import dataclass
 
 import mlflow
+import pandas as pd
 import ray
 from ray import tune
 from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-from jobs.runtime import UsageError, check_fits, connect_ray, max_concurrent_trials
+from jobs.runtime import UsageError, check_fits, check_multinode, connect_ray, max_concurrent_trials
 from trainables import tracking
 from trainables.config import DataConfig, HyperParams, Resources, SearchSpace, SweepConfig, TrackingConfig
 from trainables.data import load_splits
-from trainables.loop import load_checkpoint
+from trainables.loop import load_checkpoint, train_in_tune_trial
 from trainables.model import geometry_error, valid_geometries
-from trainables.trainer import BEST_METRIC, build_trainer
+from trainables.trainer import BEST_METRIC, build_trainer, worker_config
 
 # The knobs a trial's config may carry; everything else comes from the base HyperParams.
 DRIVER_MEMORY_BYTES = 64 * 1024**2
@@ -80,9 +81,18 @@ def trial_hparams(base: HyperParams, config: dict) -> HyperParams:
     return base.model_copy(update=sampled)
 
 
-def trial_driver(config: dict, base: dict, resources: dict, data_refs: list, trainer_storage: str) -> None:
-    """One Tune trial: build the shared TorchTrainer and run it; metrics flow to Tune each epoch."""
+def uses_torchtrainer(sweep: SweepConfig, resources: Resources) -> bool:
+    """DDP trials always run on a TorchTrainer; one-worker trials too when asked."""
+    return resources.workers_per_trial > 1 or sweep.trial_runner == "torchtrainer"
+
+
+def trial_driver(config: dict, base: dict, resources: dict, data_refs: list, trainer_storage: str,
+                 torchtrainer: bool) -> None:
+    """One Tune trial: the shared TorchTrainer (or, for one worker, the same loop in-trial)."""
     hparams = trial_hparams(HyperParams(**base), config)
+    if not torchtrainer:
+        train_in_tune_trial(worker_config(hparams, Resources(**resources), data_refs[0]))
+        return
     trainer = build_trainer(
         hparams,
         Resources(**resources),
@@ -108,51 +118,81 @@ class SweepOutcome:
 
 
 def run_sweep(sweep: SweepConfig, space: dict, base: HyperParams, data: DataConfig,
-              resources: Resources, tracking_cfg: TrackingConfig, nested: bool = True) -> SweepOutcome:
+              resources: Resources, tracking_cfg: TrackingConfig, nested: bool = True,
+              resume: bool = False) -> SweepOutcome:
     """Run every trial of `space` (Tune domains or constants) and register the best model.
 
     nested=True logs a parent MLflow run with one child per trial (a sweep);
     nested=False logs each trial as a top-level run (`lenet-tune train`).
+    resume=True restores the sweep of that name from its results folder: finished
+    trials are kept, unfinished ones continue from their checkpoints, and MLflow
+    runs continue rather than start again.
     """
     tracking_uri = tracking_cfg.resolved_uri()
     storage = tracking_cfg.resolved_storage()
+    sweep_dir = os.path.join(storage, sweep.name)
+    if resume and not tune.Tuner.can_restore(sweep_dir):
+        raise UsageError(f"no sweep to resume at {sweep_dir}: check --name and --storage-path")
+    splits = load_splits(data)  # data errors surface before any cluster work
     cluster = connect_ray()
     check_fits(cluster, resources.workers_per_trial, resources.cpus_per_worker, resources.gpus_per_worker)
-    concurrency = sweep.max_concurrent or max_concurrent_trials(
-        cluster, resources.workers_per_trial, resources.cpus_per_worker, resources.gpus_per_worker)
-
-    splits = load_splits(data)
+    check_multinode(storage, tracking_uri, sum(1 for node in ray.nodes() if node["Alive"]))
     data_ref = ray.put(splits)  # decoded once; every trial and worker on a node shares it
+
     experiment_id = tracking.configure(tracking_uri, tracking_cfg.experiment)
-    tags = tracking.run_tags(data.source)
+    tags = {**tracking.run_tags(data.source), "sweep": sweep.name}
     scaling_params = {**resources.model_dump(), "data_source": data.source, **{
         f"{split}_images": n for split, n in splits.sizes().items()}}
-
+    resolved = {"sweep": sweep.model_dump(), "base": base.model_dump(), "data": data.model_dump(),
+                "resources": resources.model_dump(), "tracking": tracking_cfg.model_dump(),
+                "space": {k: str(v) for k, v in space.items()}}
     parent_run_id = None
     if nested:
-        parent = mlflow.MlflowClient(tracking_uri).create_run(
-            experiment_id, run_name=sweep.name, tags={**tags, "sweep": sweep.name})
-        parent_run_id = parent.info.run_id
-        mlflow.MlflowClient(tracking_uri).log_batch(parent_run_id, params=[
-            mlflow.entities.Param(k, v) for k, v in tracking.flat_params({
-                **sweep.model_dump(), **scaling_params,
-                **{f"space_{k}": v for k, v in space.items()},
-                **{f"base_{k}": v for k, v in base.model_dump().items()}}).items()])
+        parent_run_id = tracking.open_parent_run(tracking_uri, experiment_id, sweep.name, tags, {
+            **sweep.model_dump(), **scaling_params, **{f"space_{k}": v for k, v in space.items()},
+            **{f"base_{k}": v for k, v in base.model_dump().items()}}, resolved)
 
-    def full_params(config: dict) -> dict:
-        return {**trial_hparams(base, config).model_dump(), **scaling_params}
+    trainable = make_trainable(sweep, base, resources, data_ref, sweep_dir)
+    if resume:
+        # Tune keeps the search space, searcher state and callbacks (our TrialLogger) in the folder.
+        tuner = tune.Tuner.restore(sweep_dir, trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        logger = tracking.TrialLogger(
+            tracking_uri, experiment_id, parent_run_id,
+            lambda config: {**trial_hparams(base, config).model_dump(), **scaling_params},
+            tags, base.epochs)
+        tuner = make_tuner(trainable, space, sweep, base, resources, cluster, storage, logger)
+    try:
+        results = tuner.fit()
+        return finish_sweep(results, sweep, splits, parent_run_id, experiment_id, tracking_cfg,
+                            tracking_uri, sweep_dir)
+    except BaseException:
+        if parent_run_id:
+            mlflow.MlflowClient(tracking_uri).set_terminated(parent_run_id, "FAILED")
+        raise
 
-    logger = tracking.TrialLogger(tracking_uri, experiment_id, parent_run_id, full_params,
-                                  {**tags, "sweep": sweep.name}, base.epochs)
+
+def make_trainable(sweep, base, resources, data_ref, sweep_dir):
+    """trial_driver with its constant arguments bound and its resources declared."""
+    torchtrainer = uses_torchtrainer(sweep, resources)
     trainable = tune.with_parameters(
-        trial_driver, base=base.model_dump(), resources=resources.model_dump(),
+        trial_driver, base=base.model_dump(), resources=resources.model_dump(), torchtrainer=torchtrainer,
         # In a list, so with_parameters hands the trial the reference, not a copy of the data.
         data_refs=[data_ref],
-        trainer_storage=os.path.join(storage, sweep.name, "train-runs"))
-    tuner = tune.Tuner(
+        trainer_storage=os.path.join(sweep_dir, "train-runs"))
+    if torchtrainer:
         # The driver only waits on its TorchTrainer: it holds no CPU or GPU (the workers do),
         # just a token amount of memory because Tune needs some resource to place it.
-        tune.with_resources(trainable, {"cpu": 0, "memory": DRIVER_MEMORY_BYTES}),
+        return tune.with_resources(trainable, {"cpu": 0, "memory": DRIVER_MEMORY_BYTES})
+    # The trial is the worker.
+    return tune.with_resources(trainable, {"cpu": resources.cpus_per_worker, "gpu": resources.gpus_per_worker})
+
+
+def make_tuner(trainable, space, sweep, base, resources, cluster, storage, logger) -> tune.Tuner:
+    concurrency = sweep.max_concurrent or max_concurrent_trials(
+        cluster, resources.workers_per_trial, resources.cpus_per_worker, resources.gpus_per_worker)
+    return tune.Tuner(
+        trainable,
         param_space=space,
         tune_config=tune.TuneConfig(
             metric=BEST_METRIC, mode="max", num_samples=sweep.num_samples,
@@ -160,17 +200,14 @@ def run_sweep(sweep: SweepConfig, space: dict, base: HyperParams, data: DataConf
             scheduler=make_scheduler(sweep, base.epochs), search_alg=make_search(sweep),
             trial_name_creator=trial_name, trial_dirname_creator=trial_name,
         ),
-        run_config=tune.RunConfig(name=sweep.name, storage_path=storage, callbacks=[logger],
-                                  verbose=1),
+        run_config=tune.RunConfig(
+            name=sweep.name, storage_path=storage, callbacks=[logger], verbose=1,
+            # Used by in-trial (one-worker) runs; TorchTrainer trials keep their own.
+            checkpoint_config=tune.CheckpointConfig(
+                num_to_keep=2, checkpoint_score_attribute=BEST_METRIC, checkpoint_score_order="max"),
+            failure_config=tune.FailureConfig(max_failures=2),
+        ),
     )
-    try:
-        results = tuner.fit()
-        return finish_sweep(results, sweep, base, splits, parent_run_id, logger, tracking_cfg, tracking_uri,
-                            os.path.join(storage, sweep.name))
-    except BaseException:
-        if parent_run_id:
-            mlflow.MlflowClient(tracking_uri).set_terminated(parent_run_id, "FAILED")
-        raise
 
 
 def trial_name(trial) -> str:
@@ -199,6 +236,12 @@ def best_checkpoint(results) -> tuple[dict, str, str]:
         if result.error or result.metrics_dataframe is None:
             continue
         frame = result.metrics_dataframe
+        if result.best_checkpoints:  # an in-trial run: Tune kept the checkpoints itself
+            frame = frame.merge(pd.DataFrame(
+                [{"epoch": m["epoch"], CHECKPOINT_PATH_KEY: c.path} for c, m in result.best_checkpoints]),
+                on="epoch", how="left")
+        if CHECKPOINT_PATH_KEY not in frame:
+            continue
         frame = frame[(frame.get("diverged", 0) == 0) & frame[CHECKPOINT_PATH_KEY].notna()]
         if frame.empty:
             continue
@@ -211,13 +254,13 @@ def best_checkpoint(results) -> tuple[dict, str, str]:
     return best
 
 
-def finish_sweep(results, sweep, base, splits, parent_run_id, logger, tracking_cfg, tracking_uri, path):
+def finish_sweep(results, sweep, splits, parent_run_id, experiment_id, tracking_cfg, tracking_uri, path):
     """Evaluate the best checkpoint on the test split, log and register it, close the parent run."""
     metrics, checkpoint_path, trial_id = best_checkpoint(results)
     state = load_checkpoint(checkpoint_path)
-    best_run_id = logger.run_ids[trial_id]
-    champion = tracking.log_champion(parent_run_id or best_run_id, state, splits, tracking_cfg.model_name)
     client = mlflow.MlflowClient(tracking_uri)
+    best_run_id = tracking.find_child_run(client, experiment_id, parent_run_id, trial_id).info.run_id
+    champion = tracking.log_champion(parent_run_id or best_run_id, state, splits, tracking_cfg.model_name)
     if parent_run_id:
         client.log_metric(parent_run_id, "best_val_acc", float(metrics[BEST_METRIC]))
         client.set_tag(parent_run_id, "best_run_id", best_run_id)
@@ -227,6 +270,22 @@ def finish_sweep(results, sweep, base, splits, parent_run_id, logger, tracking_c
         best_config=state["hparams"], best_val_acc=float(metrics[BEST_METRIC]), test=champion,
         results_path=path, num_trials=len(results),
     )
+
+
+def resume_configs(name: str, tracking_cfg: TrackingConfig) -> dict:
+    """The configs a sweep ran with, read back from its parent run's sweep-config.json."""
+    experiment_id = tracking.configure(tracking_cfg.resolved_uri(), tracking_cfg.experiment)
+    client = mlflow.MlflowClient(tracking_cfg.resolved_uri())
+    found = client.search_runs([experiment_id], f"tags.sweep = '{name}' and attributes.run_name = '{name}'",
+                               max_results=1)
+    if not found:
+        raise UsageError(f"no sweep named {name!r} in {tracking_cfg.resolved_uri()}: check --resume and --tracking-uri")
+    if found[0].info.status == "FINISHED":
+        raise UsageError(f"sweep {name!r} already finished: start a new one with --name")
+    saved = mlflow.artifacts.load_dict(f"{found[0].info.artifact_uri}/sweep-config.json")
+    return {"sweep": SweepConfig(**saved["sweep"]), "hparams": HyperParams(**saved["base"]),
+            "data": DataConfig(**saved["data"]), "resources": Resources(**saved["resources"]),
+            "tracking": TrackingConfig(**saved["tracking"])}
 
 
 def smoke_overrides() -> dict:

@@ -60,3 +60,16 @@ def test_help_states_defaults_and_units(capsys):
     text = capsys.readouterr().out
     for phrase in ("default 8", "default 0 = CPU", "--smoke", "log-uniform"):
         assert phrase in text
+
+
+def test_multinode_cluster_refuses_local_storage_and_sqlite(monkeypatch):
+    from jobs.runtime import UsageError, check_multinode
+
+    check_multinode("/tmp/results", "sqlite:///x.db", alive_nodes=1)  # one node: anything goes
+    with pytest.raises(UsageError, match="storage path /tmp/results is local"):
+        check_multinode("/tmp/results", "http://127.0.0.1:5000", alive_nodes=3)
+    with pytest.raises(UsageError, match="MLflow URI sqlite:///x.db is a local store"):
+        check_multinode("s3://bucket/results", "sqlite:///x.db", alive_nodes=3)
+    check_multinode("s3://bucket/results", "http://10.0.0.1:5000", alive_nodes=3)
+    monkeypatch.setenv("LENET_SHARED_STORAGE", "1")
+    check_multinode("/mnt/nfs/results", "http://127.0.0.1:5000", alive_nodes=2)

@@ -55,6 +55,8 @@ def test_one_metric_point_per_epoch(sweep):
         for key in ("train_loss", "val_loss", "val_acc", "epoch_seconds", "images_per_second"):
             steps = [m.step for m in client.get_metric_history(child.info.run_id, key)]
             assert sorted(steps) == list(range(1, epochs_run + 1)), (key, steps)
+        # Start-up overhead is logged once, at the first epoch.
+        assert [m.step for m in client.get_metric_history(child.info.run_id, "startup_seconds")] == [1]
         # ASHA may stop trials early; such trials are tagged so users can tell.
         assert child.data.tags["stopped_early"] == ("true" if epochs_run < 2 else "false")
 
@@ -79,7 +81,9 @@ def test_champion_is_registered_with_test_evaluation(sweep):
 def test_train_logs_one_run_and_champion_moves_only_when_beaten(sweep, capsys):
     folder, uri, client, experiment = sweep
     before = client.get_model_version_by_alias("lenet-cifar10", "champion")
+    # Through a real TorchTrainer (the sweep above ran its one-worker trials in-trial).
     code = main(["train", "--smoke", "--name", "single", "--epochs", "3", "--batch-size", "32",
+                 "--trial-runner", "torchtrainer",
                  "--tracking-uri", uri, "--storage-path", str(folder / "results")])
     assert code == 0
     runs = client.search_runs([experiment.experiment_id], "attributes.run_name LIKE 'trial-%' and tags.sweep = 'single'")

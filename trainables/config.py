@@ -101,6 +101,7 @@ class SweepConfig(_Frozen):
     grace_period: int = Field(2, gt=0)  # epochs before ASHA may stop a trial
     max_concurrent: int | None = Field(None, gt=0)  # None = as many as the cluster's CPUs/GPUs fit
     seed: int = 0  # seeds the search algorithm
+    trial_runner: Literal["auto", "torchtrainer"] = "auto"  # auto: 1-worker trials skip TorchTrainer
 
 
 class TrackingConfig(_Frozen):

@@ -12,6 +12,7 @@ import math
 import os
 import platform
 import subprocess
+import time
 from pathlib import Path
 
 import mlflow
@@ -79,6 +80,25 @@ def find_child_run(client: MlflowClient, experiment_id: str, parent_run_id: str 
     return runs[0] if runs else None
 
 
+def open_parent_run(tracking_uri: str, experiment_id: str, name: str, tags: dict, params: dict,
+                    resolved_config: dict) -> str:
+    """The sweep's parent run: the existing one when a sweep resumes, else a new one.
+
+    The resolved configuration goes on it as an artifact, so a sweep can be rerun exactly.
+    """
+    client = MlflowClient(tracking_uri)
+    found = client.search_runs(
+        [experiment_id], f"tags.sweep = '{name}' and attributes.run_name = '{name}'", max_results=1)
+    if found:
+        run_id = found[0].info.run_id
+        client.update_run(run_id, status="RUNNING")
+        return run_id
+    run_id = client.create_run(experiment_id, run_name=name, tags=tags).info.run_id
+    client.log_batch(run_id, params=[Param(k, v) for k, v in flat_params(params).items()])
+    client.log_dict(run_id, resolved_config, "sweep-config.json")
+    return run_id
+
+
 class TrialLogger(tune.Callback):
     """Logs every Tune trial as an MLflow run (nested under parent_run_id when given).
 
@@ -97,6 +117,7 @@ class TrialLogger(tune.Callback):
         self.max_epochs = max_epochs
         self.run_ids: dict[str, str] = {}  # trial_id -> MLflow run id
         self.logged_epochs: dict[str, set[int]] = {}
+        self.started_at: dict[str, float] = {}  # trial_id -> time.time() when Tune launched it
 
     @property
     def client(self) -> MlflowClient:
@@ -124,6 +145,7 @@ class TrialLogger(tune.Callback):
         return run_id
 
     def on_trial_start(self, iteration, trials, trial, **info):
+        self.started_at[trial.trial_id] = time.time()
         self.run_id_for(trial)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
@@ -139,6 +161,11 @@ class TrialLogger(tune.Callback):
             for key in EPOCH_METRICS
             if key in result and isinstance(result[key], (int, float))
         ]
+        started = self.started_at.pop(trial.trial_id, None)
+        if started is not None and "epoch_seconds" in result:
+            # Start-up overhead: from launch to the first report, less the epoch itself.
+            startup = time.time() - started - float(result["epoch_seconds"])
+            metrics.append(Metric("startup_seconds", max(startup, 0.0), timestamp or 0, epoch))
         tags = [RunTag("diverged", "true")] if result.get("diverged") else []
         self.client.log_batch(run_id, metrics=metrics, tags=tags)
 
@@ -190,11 +217,14 @@ def log_champion(run_id: str, checkpoint_state: dict, splits: Splits, model_name
             input_example=example,
             # torch.export's graph: loading it runs no pickled code and needs no lenet-tune install.
             serialization_format="pt2",
+            # Class names travel with the model, so `predict` can name what it sees.
+            metadata={"classes": list(splits.classes), "test_acc": summary["test_acc"]},
         )
     version = mlflow.register_model(info.model_uri, model_name, tags={"test_acc": f"{summary['test_acc']:.6f}",
                                                                       "run_id": run_id})
     promoted, previous = promote_if_better(model_name, version.version, summary["test_acc"])
-    return {**summary, "model_uri": info.model_uri, "version": version.version,
+    return {**summary, "confusion": confusion.tolist(), "classes": list(splits.classes),
+            "model_uri": info.model_uri, "version": version.version,
             "promoted": promoted, "previous_champion_acc": previous}
 
 

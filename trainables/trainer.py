@@ -11,6 +11,16 @@ from trainables.loop import train_loop_per_worker
 BEST_METRIC = "val_acc"
 
 
+def worker_config(hparams: HyperParams, resources: Resources, data_ref) -> dict:
+    """What a worker needs, as plain values: the Ray boundary."""
+    return {
+        "hparams": hparams.model_dump(),
+        "cpus_per_worker": resources.cpus_per_worker,
+        "use_gpu": resources.use_gpu,
+        "data_ref": data_ref,
+    }
+
+
 def build_trainer(
     hparams: HyperParams,
     resources: Resources,
@@ -31,11 +41,7 @@ def build_trainer(
         worker_resources["GPU"] = resources.gpus_per_worker
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={
-            "hparams": hparams.model_dump(),
-            "cpus_per_worker": resources.cpus_per_worker,
-            "data_ref": data_ref,
-        },
+        train_loop_config=worker_config(hparams, resources, data_ref),
         scaling_config=ScalingConfig(
             num_workers=resources.workers_per_trial,
             use_gpu=resources.use_gpu,
