@@ -81,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     tune_cmd = commands.add_parser("tune", help="search hyperparameters with Ray Tune + Ray Train")
     add_common(tune_cmd)
     space = tune_cmd.add_argument_group("search")
+    space.add_argument("--config", metavar="FILE.yaml",
+                       help="sweep file with sections sweep, space, hparams, resources, data, tracking "
+                            "(examples in sweeps/); flags override it")
     space.add_argument("--resume", metavar="NAME",
                        help="continue the interrupted sweep NAME with its saved configuration: finished "
                             "trials are kept, unfinished ones resume from checkpoints, MLflow runs continue")
@@ -125,45 +128,93 @@ def _given(args, **names) -> dict:
             if getattr(args, flag, None) is not None}
 
 
+# Sections of a sweep file (--config), each validated by its frozen config.
+SECTIONS = {"data": DataConfig, "hparams": HyperParams, "resources": Resources,
+            "tracking": TrackingConfig, "sweep": SweepConfig, "space": SearchSpace}
+
+
+def load_sweep_file(path: str) -> dict:
+    """{section: {field: value}} from a YAML sweep file; unknown sections are refused."""
+    import yaml
+
+    try:
+        with open(path) as handle:
+            raw = yaml.safe_load(handle) or {}
+    except OSError as error:
+        raise UsageError(f"cannot read sweep file {path}: {error.strerror}") from None
+    except yaml.YAMLError as error:
+        where = getattr(error, "problem_mark", None)
+        line = f" at line {where.line + 1}" if where else ""
+        raise UsageError(f"sweep file {path} is not valid YAML{line}: fix its syntax") from None
+    if not isinstance(raw, dict):
+        raise UsageError(f"sweep file {path} must be a mapping of sections: {', '.join(SECTIONS)}")
+    for section, values in raw.items():
+        if section not in SECTIONS:
+            raise UsageError(f"{path}: unknown key {section!r}: use one of {', '.join(SECTIONS)}")
+        if not isinstance(values, dict):
+            raise UsageError(f"{path}: {section} must be a mapping of fields, not {values!r}")
+    return raw
+
+
+def build(section: str, values: dict, source: str = ""):
+    """SECTIONS[section](**values), with a bad value reported by its key path."""
+    try:
+        return SECTIONS[section](**values)
+    except ValidationError as error:
+        raise UsageError(source + describe_validation_error(error, section)) from None
+
+
 def configs_from_args(args) -> dict:
-    """Frozen configs from flags; --smoke supplies defaults that explicit flags still override."""
-    smoke = {"data": {}, "sweep": {}, "space": {}}
+    """Frozen configs: defaults < --smoke < --config file < flags."""
+    layers = {section: {} for section in SECTIONS}
     if getattr(args, "smoke", False):
         from jobs.tune import smoke_overrides
 
-        smoke = smoke_overrides()
-    data = DataConfig(**{**smoke["data"], **_given(args, source="data", data_dir="data_dir",
-                                                   max_train_images="max_train_images", seed="seed")})
-    epochs = args.epochs if args.epochs is not None else smoke["sweep"].get("epochs")
-    hparams = HyperParams(**_given(args, lr="lr", batch_size="batch_size", momentum="momentum",
-                                   weight_decay="weight_decay", dilation="dilation", padding="padding",
-                                   augment="augment", schedule="schedule", seed="seed"),
-                          **({"epochs": epochs} if epochs is not None else {}))
-    resources = Resources(**_given(args, workers_per_trial="workers_per_trial",
-                                   cpus_per_worker="cpus_per_worker", gpus_per_worker="gpus_per_worker"))
-    tracking = TrackingConfig(**_given(args, tracking_uri="tracking_uri", experiment="experiment",
-                                       storage_path="storage_path"))
+        for section, values in smoke_overrides().items():
+            layers[section].update(values)
+    source = ""
+    if getattr(args, "config", None):
+        for section, values in load_sweep_file(args.config).items():
+            layers[section].update(values)
+        source = f"{args.config}: "
+    flags = {
+        "data": _given(args, source="data", data_dir="data_dir", max_train_images="max_train_images",
+                       seed="seed"),
+        "hparams": _given(args, lr="lr", batch_size="batch_size", momentum="momentum",
+                          weight_decay="weight_decay", dilation="dilation", padding="padding",
+                          augment="augment", schedule="schedule", seed="seed", epochs="epochs"),
+        "resources": _given(args, workers_per_trial="workers_per_trial", cpus_per_worker="cpus_per_worker",
+                            gpus_per_worker="gpus_per_worker"),
+        "tracking": _given(args, tracking_uri="tracking_uri", experiment="experiment",
+                           storage_path="storage_path"),
+        "sweep": _given(args, num_samples="num_samples", search="search", scheduler="scheduler",
+                        grace_period="grace_period", max_concurrent="max_concurrent", seed="seed",
+                        trial_runner="trial_runner", name="name", epochs="epochs"),
+        "space": _given(args, lr="lr_range", dilations="dilations", paddings="paddings",
+                        batch_sizes="batch_sizes", momentums="momentums"),
+    }
+    for section, values in flags.items():
+        layers[section].update(values)
+    # One number of epochs for the sweep and its trials, wherever it was given.
+    epochs = layers["hparams"].get("epochs", layers["sweep"].get("epochs"))
+    if epochs is not None:
+        layers["hparams"]["epochs"] = layers["sweep"]["epochs"] = epochs
     from jobs.tune import default_name
 
-    sweep = SweepConfig(**{**smoke["sweep"], **_given(
-        args, num_samples="num_samples", search="search", scheduler="scheduler",
-        grace_period="grace_period", max_concurrent="max_concurrent", seed="seed",
-        trial_runner="trial_runner"),
-        "epochs": hparams.epochs, "name": args.name or default_name()})
-    space = SearchSpace(**{**smoke["space"], **_given(args, lr="lr_range", dilations="dilations", paddings="paddings",
-                                 batch_sizes="batch_sizes", momentums="momentums")})
-    return {"data": data, "hparams": hparams, "resources": resources, "tracking": tracking,
-            "sweep": sweep, "space": space}
+    layers["sweep"].setdefault("name", default_name())
+    return {section: build(section, values, source) for section, values in layers.items()}
 
 
-def describe_validation_error(error: ValidationError) -> str:
+def describe_validation_error(error: ValidationError, section: str = "") -> str:
+    """One line naming the key path, the bad value and what is expected."""
     first = error.errors()[0]
-    field = ".".join(str(part) for part in first["loc"]) or error.title
-    value = first.get("input")
+    path = ".".join([section] + [str(part) for part in first["loc"]]).strip(".")
     message = first["msg"].removeprefix("Value error, ")
-    if isinstance(value, dict):  # a model-level check: its message names the values itself
-        return message
-    return f"{field}={value!r}: {message}"
+    if first["type"] == "extra_forbidden":
+        return f"unknown key {path}: remove it (see lenet-tune tune --help for the keys)"
+    if isinstance(first.get("input"), dict):  # a whole-model check: its message names the values
+        return f"{path}: {message}" if path else message
+    return f"{path}={first.get('input')!r}: {message}"
 
 
 def run_command(args) -> int:
@@ -195,7 +246,7 @@ def run_command(args) -> int:
 
         space = param_space(configs["space"])  # refuses an impossible geometry before any work
         outcome = run_sweep(configs["sweep"], space, configs["hparams"], configs["data"],
-                            configs["resources"], configs["tracking"])
+                            configs["resources"], configs["tracking"], search_space=configs["space"])
     else:
         from jobs.train import run_training
 

@@ -20,10 +20,12 @@ from dataclasses import dataclass
 import mlflow
 import pandas as pd
 import ray
+import yaml
 from ray import tune
 from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
+from jobs.progress import ProgressLine
 from jobs.runtime import UsageError, check_fits, check_multinode, connect_ray, max_concurrent_trials
 from trainables import tracking
 from trainables.config import DataConfig, HyperParams, Resources, SearchSpace, SweepConfig, TrackingConfig
@@ -119,7 +121,7 @@ class SweepOutcome:
 
 def run_sweep(sweep: SweepConfig, space: dict, base: HyperParams, data: DataConfig,
               resources: Resources, tracking_cfg: TrackingConfig, nested: bool = True,
-              resume: bool = False) -> SweepOutcome:
+              resume: bool = False, search_space: SearchSpace | None = None) -> SweepOutcome:
     """Run every trial of `space` (Tune domains or constants) and register the best model.
 
     nested=True logs a parent MLflow run with one child per trial (a sweep);
@@ -133,6 +135,9 @@ def run_sweep(sweep: SweepConfig, space: dict, base: HyperParams, data: DataConf
     sweep_dir = os.path.join(storage, sweep.name)
     if resume and not tune.Tuner.can_restore(sweep_dir):
         raise UsageError(f"no sweep to resume at {sweep_dir}: check --name and --storage-path")
+    if not resume and tune.Tuner.can_restore(sweep_dir):
+        raise UsageError(f"a sweep named {sweep.name!r} already exists in {storage}: "
+                         f"pick another --name, or continue it with --resume {sweep.name}")
     splits = load_splits(data)  # data errors surface before any cluster work
     cluster = connect_ray()
     check_fits(cluster, resources.workers_per_trial, resources.cpus_per_worker, resources.gpus_per_worker)
@@ -143,12 +148,14 @@ def run_sweep(sweep: SweepConfig, space: dict, base: HyperParams, data: DataConf
     tags = {**tracking.run_tags(data.source), "sweep": sweep.name}
     scaling_params = {**resources.model_dump(), "data_source": data.source, **{
         f"{split}_images": n for split, n in splits.sizes().items()}}
-    resolved = {"sweep": sweep.model_dump(), "base": base.model_dump(), "data": data.model_dump(),
-                "resources": resources.model_dump(), "tracking": tracking_cfg.model_dump(),
-                "space": {k: str(v) for k, v in space.items()}}
+    # In the --config file's own shape, so `lenet-tune tune --config` can rerun it exactly.
+    resolved = {"sweep": sweep.model_dump(mode="json"), "hparams": base.model_dump(mode="json"),
+                "data": data.model_dump(mode="json"), "resources": resources.model_dump(mode="json"),
+                "tracking": tracking_cfg.model_dump(mode="json"),
+                **({"space": search_space.model_dump(mode="json")} if search_space else {})}
     parent_run_id = None
     if nested:
-        parent_run_id = tracking.open_parent_run(tracking_uri, experiment_id, sweep.name, tags, {
+        parent_run_id = tracking.open_parent_run(tracking_uri, experiment_id, sweep.name, resume, tags, {
             **sweep.model_dump(), **scaling_params, **{f"space_{k}": v for k, v in space.items()},
             **{f"base_{k}": v for k, v in base.model_dump().items()}}, resolved)
 
@@ -201,7 +208,8 @@ def make_tuner(trainable, space, sweep, base, resources, cluster, storage, logge
             trial_name_creator=trial_name, trial_dirname_creator=trial_name,
         ),
         run_config=tune.RunConfig(
-            name=sweep.name, storage_path=storage, callbacks=[logger], verbose=1,
+            name=sweep.name, storage_path=storage, verbose=1,
+            callbacks=[logger, ProgressLine(sweep.num_samples, base.epochs)],
             # Used by in-trial (one-worker) runs; TorchTrainer trials keep their own.
             checkpoint_config=tune.CheckpointConfig(
                 num_to_keep=2, checkpoint_score_attribute=BEST_METRIC, checkpoint_score_order="max"),
@@ -282,8 +290,8 @@ def resume_configs(name: str, tracking_cfg: TrackingConfig) -> dict:
         raise UsageError(f"no sweep named {name!r} in {tracking_cfg.resolved_uri()}: check --resume and --tracking-uri")
     if found[0].info.status == "FINISHED":
         raise UsageError(f"sweep {name!r} already finished: start a new one with --name")
-    saved = mlflow.artifacts.load_dict(f"{found[0].info.artifact_uri}/sweep-config.json")
-    return {"sweep": SweepConfig(**saved["sweep"]), "hparams": HyperParams(**saved["base"]),
+    saved = yaml.safe_load(mlflow.artifacts.load_text(f"{found[0].info.artifact_uri}/{tracking.CONFIG_ARTIFACT}"))
+    return {"sweep": SweepConfig(**saved["sweep"]), "hparams": HyperParams(**saved["hparams"]),
             "data": DataConfig(**saved["data"]), "resources": Resources(**saved["resources"]),
             "tracking": TrackingConfig(**saved["tracking"])}
 

@@ -50,7 +50,7 @@ def test_installed_command_prints_no_traceback(workdir):
     assert done.returncode == 2
     assert "Traceback" not in done.stderr
     assert done.stderr.strip() == (
-        "lenet-tune: error: epochs=0: Input should be greater than 0"
+        "lenet-tune: error: hparams.epochs=0: Input should be greater than 0"
     )
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import torch
+import yaml
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
@@ -29,6 +30,7 @@ from trainables.evaluation import confusion_matrix, plot_confusion, serving_mode
 EPOCH_METRICS = ("train_loss", "val_loss", "val_acc", "epoch_seconds", "images_per_second")
 CHAMPION_ALIAS = "champion"
 PARENT_TAG = "mlflow.parentRunId"
+CONFIG_ARTIFACT = "sweep-config.yaml"
 
 
 def configure(tracking_uri: str, experiment: str) -> str:
@@ -80,22 +82,23 @@ def find_child_run(client: MlflowClient, experiment_id: str, parent_run_id: str 
     return runs[0] if runs else None
 
 
-def open_parent_run(tracking_uri: str, experiment_id: str, name: str, tags: dict, params: dict,
-                    resolved_config: dict) -> str:
+def open_parent_run(tracking_uri: str, experiment_id: str, name: str, resume: bool, tags: dict,
+                    params: dict, resolved_config: dict) -> str:
     """The sweep's parent run: the existing one when a sweep resumes, else a new one.
 
-    The resolved configuration goes on it as an artifact, so a sweep can be rerun exactly.
+    The resolved configuration goes on it as a YAML artifact, so a sweep can be
+    rerun exactly (`lenet-tune tune --config sweep-config.yaml --name NEW`).
     """
     client = MlflowClient(tracking_uri)
     found = client.search_runs(
         [experiment_id], f"tags.sweep = '{name}' and attributes.run_name = '{name}'", max_results=1)
-    if found:
+    if found and resume:
         run_id = found[0].info.run_id
         client.update_run(run_id, status="RUNNING")
         return run_id
     run_id = client.create_run(experiment_id, run_name=name, tags=tags).info.run_id
     client.log_batch(run_id, params=[Param(k, v) for k, v in flat_params(params).items()])
-    client.log_dict(run_id, resolved_config, "sweep-config.json")
+    client.log_text(run_id, yaml.safe_dump(resolved_config, sort_keys=False), CONFIG_ARTIFACT)
     return run_id
 
 

@@ -1,0 +1,52 @@
+"""A one-line progress report per epoch: trials done, best so far, elapsed and time left."""
+
+from __future__ import annotations
+
+import time
+
+from ray import tune
+
+
+def format_seconds(seconds: float) -> str:
+    minutes, seconds = divmod(int(seconds), 60)
+    return f"{minutes}m{seconds:02d}s" if minutes else f"{seconds}s"
+
+
+def progress_bar(done: int, total: int, width: int = 20) -> str:
+    filled = int(width * done / max(total, 1))
+    return "[" + "#" * filled + "-" * (width - filled) + "]"
+
+
+class ProgressLine(tune.Callback):
+    """Prints, after every epoch any trial reports, where the sweep stands.
+
+    The estimate of time left assumes every unfinished trial runs all its epochs at
+    the pace seen so far, so with ASHA stopping trials early it is an upper bound.
+    """
+
+    def __init__(self, num_samples: int, max_epochs: int, printer=print):
+        self.num_samples = num_samples
+        self.max_epochs = max_epochs
+        self.printer = printer
+        self.started = time.time()
+        self.best = None
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        value = result.get("val_acc")
+        if isinstance(value, (int, float)) and not result.get("diverged"):
+            self.best = value if self.best is None else max(self.best, value)
+        self.printer(self.line(trials, trial, result), flush=True)
+
+    def line(self, trials, trial, result) -> str:
+        finished = [t for t in trials if t.status in ("TERMINATED", "ERROR")]
+        epochs_done = sum(int((t.last_result or {}).get("epoch", 0)) for t in trials)
+        epochs_total = self.num_samples * self.max_epochs
+        epochs_left = sum(self.max_epochs - int((t.last_result or {}).get("epoch", 0))
+                          for t in trials if t not in finished)
+        epochs_left += (self.num_samples - len(trials)) * self.max_epochs  # not launched yet
+        elapsed = time.time() - self.started
+        left = epochs_left * elapsed / max(epochs_done, 1)
+        best = "n/a" if self.best is None else f"{self.best:.4f}"
+        return (f"{progress_bar(epochs_done, epochs_total)} {trial} epoch {result.get('epoch')}/{self.max_epochs} "
+                f"val_acc {result.get('val_acc', float('nan')):.4f} | trials {len(finished)}/{self.num_samples} done "
+                f"| best {best} | elapsed {format_seconds(elapsed)}, at most {format_seconds(left)} left")
