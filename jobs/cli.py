@@ -268,8 +268,13 @@ def print_summary(outcome, tracking) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from jobs.tune import SweepInterrupted
+
     try:
         return run_command(args)
+    except SweepInterrupted as interrupted:
+        print(f"lenet-tune: {interrupted}", file=sys.stderr)
+        return 130  # the shell's code for Ctrl-C
     except ValidationError as error:
         message = describe_validation_error(error)
     except (UsageError, DataError) as error:

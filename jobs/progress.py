@@ -24,10 +24,10 @@ class ProgressLine(tune.Callback):
     the pace seen so far, so with ASHA stopping trials early it is an upper bound.
     """
 
-    def __init__(self, num_samples: int, max_epochs: int, printer=print):
+    def __init__(self, num_samples: int, max_epochs: int, printer=None):
         self.num_samples = num_samples
         self.max_epochs = max_epochs
-        self.printer = printer
+        self.printer = printer  # None = print; Tune pickles callbacks, and Ray patches print
         self.started = time.time()
         self.best = None
 
@@ -35,7 +35,7 @@ class ProgressLine(tune.Callback):
         value = result.get("val_acc")
         if isinstance(value, (int, float)) and not result.get("diverged"):
             self.best = value if self.best is None else max(self.best, value)
-        self.printer(self.line(trials, trial, result), flush=True)
+        (self.printer or print)(self.line(trials, trial, result), flush=True)
 
     def line(self, trials, trial, result) -> str:
         finished = [t for t in trials if t.status in ("TERMINATED", "ERROR")]

@@ -24,6 +24,7 @@ import yaml
 from ray import tune
 from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+from ray.tune.search import BasicVariantGenerator
 
 from jobs.progress import ProgressLine
 from jobs.runtime import UsageError, check_fits, check_multinode, connect_ray, max_concurrent_trials
@@ -107,6 +108,10 @@ def trial_driver(config: dict, base: dict, resources: dict, data_refs: list, tra
     trainer.fit()
 
 
+class SweepInterrupted(Exception):
+    """Ctrl-C during a sweep: its state is saved and `--resume NAME` continues it."""
+
+
 @dataclass
 class SweepOutcome:
     name: str
@@ -138,11 +143,17 @@ def run_sweep(sweep: SweepConfig, space: dict, base: HyperParams, data: DataConf
     if not resume and tune.Tuner.can_restore(sweep_dir):
         raise UsageError(f"a sweep named {sweep.name!r} already exists in {storage}: "
                          f"pick another --name, or continue it with --resume {sweep.name}")
+    if problem := tracking.check_reachable(tracking_uri):
+        raise UsageError(f"MLflow tracking server {tracking_uri} is unreachable ({problem}): "
+                         "start it (lenet-tune cluster up) or pass another --tracking-uri")
     splits = load_splits(data)  # data errors surface before any cluster work
     cluster = connect_ray()
     check_fits(cluster, resources.workers_per_trial, resources.cpus_per_worker, resources.gpus_per_worker)
     check_multinode(storage, tracking_uri, sum(1 for node in ray.nodes() if node["Alive"]))
     data_ref = ray.put(splits)  # decoded once; every trial and worker on a node shares it
+    # Save Tune's experiment state at most a second apart (default: 10 s or more), so a
+    # driver killed right after a trial finishes does not run that trial again on --resume.
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
 
     experiment_id = tracking.configure(tracking_uri, tracking_cfg.experiment)
     tags = {**tracking.run_tags(data.source), "sweep": sweep.name}
@@ -171,8 +182,15 @@ def run_sweep(sweep: SweepConfig, space: dict, base: HyperParams, data: DataConf
         tuner = make_tuner(trainable, space, sweep, base, resources, cluster, storage, logger)
     try:
         results = tuner.fit()
+        if results.num_terminated + results.num_errors < len(results):  # Ctrl-C: Tune saved and stopped
+            raise KeyboardInterrupt
         return finish_sweep(results, sweep, splits, parent_run_id, experiment_id, tracking_cfg,
                             tracking_uri, sweep_dir)
+    except KeyboardInterrupt:
+        if parent_run_id:
+            mlflow.MlflowClient(tracking_uri).set_terminated(parent_run_id, "KILLED")
+        raise SweepInterrupted(f"sweep {sweep.name!r} interrupted; continue it with: "
+                               f"lenet-tune tune --resume {sweep.name}") from None
     except BaseException:
         if parent_run_id:
             mlflow.MlflowClient(tracking_uri).set_terminated(parent_run_id, "FAILED")
@@ -234,7 +252,7 @@ def make_search(sweep: SweepConfig):
         from ray.tune.search.optuna import OptunaSearch
 
         return OptunaSearch(seed=sweep.seed)
-    return None  # Tune's random search (BasicVariantGenerator)
+    return BasicVariantGenerator(random_state=sweep.seed)  # random search, reproducible
 
 
 def best_checkpoint(results) -> tuple[dict, str, str]:
@@ -258,6 +276,8 @@ def best_checkpoint(results) -> tuple[dict, str, str]:
         if best is None or row[BEST_METRIC] > best[0][BEST_METRIC]:
             best = (row.to_dict(), row[CHECKPOINT_PATH_KEY], result.metrics.get("trial_id"))
     if best is None:
+        if any(r.metrics and r.metrics.get("diverged") for r in results):
+            raise UsageError("every trial diverged (non-finite loss): lower the learning rate (--lr-range / --lr)")
         raise RuntimeError("no trial finished an epoch: see the trial errors above")
     return best
 

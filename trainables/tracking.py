@@ -33,6 +33,22 @@ PARENT_TAG = "mlflow.parentRunId"
 CONFIG_ARTIFACT = "sweep-config.yaml"
 
 
+def check_reachable(tracking_uri: str, timeout_s: float = 10) -> str | None:
+    """None if a tracking server answers its health check, else why not (http(s) URIs only).
+
+    MLflow's own client retries for minutes; a sweep should fail before training instead.
+    """
+    if not tracking_uri.startswith(("http://", "https://")):
+        return None
+    import requests
+
+    try:
+        response = requests.get(tracking_uri.rstrip("/") + "/health", timeout=timeout_s)
+    except requests.RequestException as error:
+        return type(error).__name__
+    return None if response.ok else f"HTTP {response.status_code}"
+
+
 def configure(tracking_uri: str, experiment: str) -> str:
     """Point MLflow at tracking_uri and return the experiment's id, creating it if needed."""
     mlflow.set_tracking_uri(tracking_uri)

@@ -1,0 +1,176 @@
+"""Faults injected for real: killed workers and drivers, diverging trials, unreachable servers.
+
+Each test checks that nothing is lost or duplicated: one MLflow run per trial, one
+metric point per epoch, finished trials never run again.
+"""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import mlflow
+import pytest
+
+from jobs.cli import main
+
+LENET_TUNE = os.path.join(os.path.dirname(sys.executable), "lenet-tune")
+
+
+def write_config(folder, images: int) -> str:
+    """A sweep file with synthetic data big enough that an epoch lasts a second or more."""
+    path = folder / "faults.yaml"
+    path.write_text(f"data: {{source: synthetic, synthetic_train_images: {images}}}\n"
+                    "space: {batch_sizes: [64]}\n")
+    return str(path)
+
+
+def runs_of(uri, sweep):
+    client = mlflow.MlflowClient(uri)
+    experiment = client.get_experiment_by_name("lenet-cifar10")
+    if experiment is None:
+        return client, []
+    return client, client.search_runs([experiment.experiment_id], f"tags.sweep = '{sweep}'")
+
+
+def children(runs):
+    return [r for r in runs if "trial_id" in r.data.tags]
+
+
+def steps(client, run, key="val_acc"):
+    return [m.step for m in client.get_metric_history(run.info.run_id, key)]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_killed_training_worker_resumes_with_one_point_per_epoch(ray_runtime, tmp_path):
+    from ray.util.state import list_actors
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    killed = {}
+
+    def kill_a_worker_mid_trial():
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            client, runs = runs_of(uri, "kill-worker")
+            logged = steps(client, children(runs)[0]) if children(runs) else []
+            workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+            if len(logged) >= 2 and workers:
+                killed["epochs_logged"] = len(logged)
+                os.kill(workers[0].pid, signal.SIGKILL)
+                killed["pid"] = workers[0].pid
+                return
+            time.sleep(0.3)
+
+    watcher = threading.Thread(target=kill_a_worker_mid_trial, daemon=True)
+    watcher.start()
+    code = main(["train", "--config", write_config(tmp_path, 20000), "--epochs", "6", "--batch-size", "64",
+                 "--trial-runner", "torchtrainer", "--name", "kill-worker", "--tracking-uri", uri,
+                 "--storage-path", str(tmp_path / "results")])
+    watcher.join(timeout=5)
+    assert code == 0
+    assert killed, "the worker finished before it could be killed"
+    assert 2 <= killed["epochs_logged"] < 6
+    client, runs = runs_of(uri, "kill-worker")
+    assert len(runs) == 1  # still exactly one MLflow run
+    assert steps(client, runs[0]) == [1, 2, 3, 4, 5, 6]  # no duplicate steps, no gaps
+    assert runs[0].data.tags["epochs_run"] == "6"
+
+
+def start_sweep(tmp_path, uri, name, *extra):
+    command = [LENET_TUNE, "tune", "--config", write_config(tmp_path, 8000), "--num-samples", "4",
+               "--epochs", "4", "--scheduler", "fifo", "--name", name, "--tracking-uri", uri,
+               "--storage-path", str(tmp_path / "results"), *extra]
+    log = open(tmp_path / f"{name}.log", "w")
+    # Its own process group: the in-process Ray started by the driver goes down with it.
+    return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+@pytest.mark.parametrize("how", [
+    "SIGKILL",
+    pytest.param("SIGINT", marks=pytest.mark.slow),
+])
+def test_interrupted_sweep_resumes_without_rerunning_finished_trials(ray_runtime, tmp_path, how):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    name = f"interrupted-{how.lower()}"
+    driver = start_sweep(tmp_path, uri, name)
+    try:
+        deadline = time.time() + 300
+        finished = []
+        while time.time() < deadline and driver.poll() is None:
+            client, runs = runs_of(uri, name)
+            finished = [r for r in children(runs) if r.info.status == "FINISHED"]
+            if finished:
+                break
+            time.sleep(0.5)
+        assert finished and driver.poll() is None, "no trial finished before the sweep ended"
+        if how == "SIGKILL":
+            os.killpg(driver.pid, signal.SIGKILL)
+        else:
+            os.kill(driver.pid, signal.SIGINT)
+        code = driver.wait(timeout=120)
+        assert code == (130 if how == "SIGINT" else -signal.SIGKILL)
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+    time.sleep(1)
+    client, _ = runs_of(uri, name)
+    before = {r.data.tags["trial_id"]: client.get_metric_history(r.info.run_id, "val_acc") for r in finished}
+
+    resumed = subprocess.run([LENET_TUNE, "tune", "--resume", name, "--tracking-uri", uri,
+                              "--storage-path", str(tmp_path / "results")],
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    client, runs = runs_of(uri, name)
+    parents = [r for r in runs if "trial_id" not in r.data.tags]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"  # the same parent, continued
+    kids = children(runs)
+    assert len(kids) == 4 and len({k.data.tags["trial_id"] for k in kids}) == 4
+    for kid in kids:
+        assert steps(client, kid) == [1, 2, 3, 4], kid.data.tags["trial_id"]
+        if kid.data.tags["trial_id"] in before:  # finished before the interruption: not run again
+            after = client.get_metric_history(kid.info.run_id, "val_acc")
+            assert [(m.step, m.value, m.timestamp) for m in after] == \
+                [(m.step, m.value, m.timestamp) for m in before[kid.data.tags["trial_id"]]]
+
+
+def test_diverging_trial_is_marked_and_never_champion(ray_runtime, tmp_path, capsys):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    code = main(["tune", "--smoke", "--lr-range", "0.02,100000", "--num-samples", "4", "--seed", "3",
+                 "--scheduler", "fifo", "--name", "diverge", "--tracking-uri", uri,
+                 "--storage-path", str(tmp_path / "results")])
+    assert code == 0, capsys.readouterr().err
+    client, runs = runs_of(uri, "diverge")
+    kids = children(runs)
+    diverged = [k for k in kids if k.data.tags["diverged"] == "true"]
+    healthy = [k for k in kids if k.data.tags["diverged"] == "false"]
+    assert diverged and healthy, "pick a seed that samples both kinds of learning rate"
+    for kid in diverged:
+        assert kid.info.status == "FINISHED" and steps(client, kid) == [1]  # stopped at once, not retried
+        assert float(kid.data.params["lr"]) > 1
+    parent = [r for r in runs if "trial_id" not in r.data.tags][0]
+    assert parent.data.tags["best_run_id"] in {k.info.run_id for k in healthy}
+
+
+def test_unreachable_tracking_server_fails_fast_naming_the_uri(workdir, capsys):
+    uri = f"http://127.0.0.1:{free_port()}"
+    started = time.time()
+    assert main(["tune", "--smoke", "--tracking-uri", uri]) == 2
+    assert time.time() - started < 30
+    err = capsys.readouterr().err.strip()
+    assert uri in err and len(err.splitlines()) == 1
+    assert os.listdir(workdir) == []
+
+
+def test_gpus_on_a_cluster_without_gpus_are_refused_up_front(ray_runtime, workdir, capsys):
+    assert main(["tune", "--smoke", "--gpus-per-worker", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--gpus-per-worker 1.0" in err and "0 GPUs" in err
+    assert os.listdir(workdir) == []
