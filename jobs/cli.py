@@ -58,6 +58,9 @@ def add_common(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--trial-runner", choices=["auto", "torchtrainer"],
                        help="auto: one-worker trials run the loop in the Tune trial, skipping "
                             "TorchTrainer start-up; multi-worker trials always use TorchTrainer (default auto)")
+    group.add_argument("--config", metavar="FILE.yaml",
+                       help="sweep file with sections sweep, space, hparams, resources, data, tracking "
+                            "(examples in sweeps/); flags override it")
     group.add_argument("--smoke", action="store_true",
                        help="small synthetic data, 3 trials x 2 epochs: a whole sweep in about a minute")
 
@@ -81,9 +84,6 @@ def build_parser() -> argparse.ArgumentParser:
     tune_cmd = commands.add_parser("tune", help="search hyperparameters with Ray Tune + Ray Train")
     add_common(tune_cmd)
     space = tune_cmd.add_argument_group("search")
-    space.add_argument("--config", metavar="FILE.yaml",
-                       help="sweep file with sections sweep, space, hparams, resources, data, tracking "
-                            "(examples in sweeps/); flags override it")
     space.add_argument("--resume", metavar="NAME",
                        help="continue the interrupted sweep NAME with its saved configuration: finished "
                             "trials are kept, unfinished ones resume from checkpoints, MLflow runs continue")

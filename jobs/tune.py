@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import datetime
 import os
+import signal
+import threading
 from dataclasses import dataclass
 
 import mlflow
@@ -181,8 +183,8 @@ def run_sweep(sweep: SweepConfig, space: dict, base: HyperParams, data: DataConf
             tags, base.epochs)
         tuner = make_tuner(trainable, space, sweep, base, resources, cluster, storage, logger)
     try:
-        results = tuner.fit()
-        if results.num_terminated + results.num_errors < len(results):  # Ctrl-C: Tune saved and stopped
+        results, interrupted = fit_noting_interrupts(tuner)
+        if interrupted:
             raise KeyboardInterrupt
         return finish_sweep(results, sweep, splits, parent_run_id, experiment_id, tracking_cfg,
                             tracking_uri, sweep_dir)
@@ -195,6 +197,29 @@ def run_sweep(sweep: SweepConfig, space: dict, base: HyperParams, data: DataConf
         if parent_run_id:
             mlflow.MlflowClient(tracking_uri).set_terminated(parent_run_id, "FAILED")
         raise
+
+
+def fit_noting_interrupts(tuner: tune.Tuner):
+    """tuner.fit(), and whether Ctrl-C stopped it.
+
+    Tune catches the first SIGINT, saves its state and returns normally; it then puts
+    back whatever handler was installed before. Installing our own marker first is
+    how we learn that it happened.
+    """
+    if threading.current_thread() is not threading.main_thread() or os.environ.get(
+            "TUNE_DISABLE_SIGINT_HANDLER", "0") != "0":
+        return tuner.fit(), False
+    previous = signal.getsignal(signal.SIGINT)
+
+    def put_back_by_tune(signum, frame):  # a second Ctrl-C stops at once
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, put_back_by_tune)
+    try:
+        results = tuner.fit()
+        return results, signal.getsignal(signal.SIGINT) is put_back_by_tune
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def make_trainable(sweep, base, resources, data_ref, sweep_dir):
