@@ -22,7 +22,7 @@ from trainables.data import DataError
 
 
 # Job modules that register their own sub-command (add_parser) and handle it (run).
-PLUGGED_COMMANDS: list[str] = []
+PLUGGED_COMMANDS: list[str] = ["jobs.predict"]
 
 
 class OneLineParser(argparse.ArgumentParser):

@@ -16,8 +16,10 @@ from __future__ import annotations
 import datetime
 import os
 import signal
+import tempfile
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 
 import mlflow
 import pandas as pd
@@ -29,6 +31,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search import BasicVariantGenerator
 
 from jobs.progress import ProgressLine
+from jobs.report import build_report, tables_from_results
 from jobs.runtime import UsageError, check_fits, check_multinode, connect_ray, max_concurrent_trials
 from trainables import tracking
 from trainables.config import DataConfig, HyperParams, Resources, SearchSpace, SweepConfig, TrackingConfig
@@ -186,7 +189,7 @@ def run_sweep(sweep: SweepConfig, space: dict, base: HyperParams, data: DataConf
         results, interrupted = fit_noting_interrupts(tuner)
         if interrupted:
             raise KeyboardInterrupt
-        return finish_sweep(results, sweep, splits, parent_run_id, experiment_id, tracking_cfg,
+        return finish_sweep(results, sweep, base, splits, parent_run_id, experiment_id, tracking_cfg,
                             tracking_uri, sweep_dir)
     except KeyboardInterrupt:
         if parent_run_id:
@@ -307,13 +310,15 @@ def best_checkpoint(results) -> tuple[dict, str, str]:
     return best
 
 
-def finish_sweep(results, sweep, splits, parent_run_id, experiment_id, tracking_cfg, tracking_uri, path):
-    """Evaluate the best checkpoint on the test split, log and register it, close the parent run."""
+def finish_sweep(results, sweep, base, splits, parent_run_id, experiment_id, tracking_cfg, tracking_uri, path):
+    """Evaluate the best checkpoint on the test split, log and register it, report, close the parent run."""
     metrics, checkpoint_path, trial_id = best_checkpoint(results)
     state = load_checkpoint(checkpoint_path)
     client = mlflow.MlflowClient(tracking_uri)
     best_run_id = tracking.find_child_run(client, experiment_id, parent_run_id, trial_id).info.run_id
     champion = tracking.log_champion(parent_run_id or best_run_id, state, splits, tracking_cfg.model_name)
+    report_dir = write_report(results, base, champion, path)
+    client.log_artifacts(parent_run_id or best_run_id, str(report_dir), "report")
     if parent_run_id:
         client.log_metric(parent_run_id, "best_val_acc", float(metrics[BEST_METRIC]))
         client.set_tag(parent_run_id, "best_run_id", best_run_id)
@@ -339,6 +344,14 @@ def resume_configs(name: str, tracking_cfg: TrackingConfig) -> dict:
     return {"sweep": SweepConfig(**saved["sweep"]), "hparams": HyperParams(**saved["hparams"]),
             "data": DataConfig(**saved["data"]), "resources": Resources(**saved["resources"]),
             "tracking": TrackingConfig(**saved["tracking"])}
+
+
+def write_report(results, base: HyperParams, champion: dict, sweep_dir: str) -> Path:
+    """The sweep report (table, plots, index.html) in the results folder, or a temp folder
+    when results live in object storage; MLflow gets a copy either way."""
+    trials, curves = tables_from_results(results, lambda c: trial_hparams(base, c).model_dump(), base.epochs)
+    folder = Path(sweep_dir) / "report" if "://" not in sweep_dir else Path(tempfile.mkdtemp()) / "report"
+    return build_report(trials, curves, champion["confusion"], champion["classes"], base.epochs, folder).parent
 
 
 def smoke_overrides() -> dict:

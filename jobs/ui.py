@@ -16,7 +16,9 @@ from pathlib import Path
 def ui_command(tracking_uri: str, host: str = "127.0.0.1", port: int = 5000) -> list[str]:
     """The `mlflow ui` command line serving tracking_uri's runs and artifacts."""
     command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", tracking_uri,
-               "--host", host, "--port", str(port)]
+               "--host", host, "--port", str(port),
+               # One server process: MLflow's default of four takes a minute to start on 2 cores.
+               "--workers", "1"]
     if tracking_uri.startswith("sqlite:///"):
         artifacts = Path(tracking_uri[len("sqlite:///"):]).parent / "mlartifacts"
         command += ["--artifacts-destination", str(artifacts.resolve())]

@@ -68,6 +68,9 @@ def test_champion_is_registered_with_test_evaluation(sweep):
     assert {f"test_acc_class{i}" for i in range(10)} <= set(parent.data.metrics)
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "evaluation")}
     assert {"evaluation/confusion_matrix.png", "evaluation/test_report.json"} <= artifacts
+    report = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
+    assert {"report/index.html", "report/trials.csv", "report/learning_curves.png"} <= report
+    assert "sweep-config.yaml" in {a.path for a in client.list_artifacts(parent.info.run_id)}
     version = client.get_model_version_by_alias("lenet-cifar10", "champion")
     assert float(version.tags["test_acc"]) == pytest.approx(parent.data.metrics["test_acc"], abs=1e-6)
     model = mlflow.pytorch.load_model("models:/lenet-cifar10@champion")
