@@ -274,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
         return run_command(args)
     except SweepInterrupted as interrupted:
         print(f"lenet-tune: {interrupted}", file=sys.stderr)
-        return 130  # the shell's code for Ctrl-C
+        return interrupted.exit_code
     except ValidationError as error:
         message = describe_validation_error(error)
     except (UsageError, DataError) as error:

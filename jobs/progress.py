@@ -24,18 +24,38 @@ class ProgressLine(tune.Callback):
     the pace seen so far, so with ASHA stopping trials early it is an upper bound.
     """
 
-    def __init__(self, num_samples: int, max_epochs: int, printer=None):
+    def __init__(self, num_samples: int, max_epochs: int, printer=None, table_every_s: float = 30):
         self.num_samples = num_samples
         self.max_epochs = max_epochs
         self.printer = printer  # None = print; Tune pickles callbacks, and Ray patches print
+        self.table_every_s = table_every_s  # how often the table of all trials is printed
         self.started = time.time()
+        self.last_table = 0.0
         self.best = None
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         value = result.get("val_acc")
         if isinstance(value, (int, float)) and not result.get("diverged"):
             self.best = value if self.best is None else max(self.best, value)
-        (self.printer or print)(self.line(trials, trial, result), flush=True)
+        show = self.printer or print
+        if time.time() - self.last_table >= self.table_every_s:
+            self.last_table = time.time()
+            show(self.table(trials), flush=True)
+        show(self.line(trials, trial, result), flush=True)
+
+    def on_experiment_end(self, trials, **info):
+        (self.printer or print)(self.table(trials), flush=True)
+
+    @staticmethod
+    def table(trials) -> str:
+        """Every trial's status, epoch and validation accuracy."""
+        rows = [f"{'trial':<22} {'status':<11} {'epoch':>5} {'val_acc':>8}"]
+        for trial in trials:
+            last = trial.last_result or {}
+            acc = last.get("val_acc")
+            acc_text = "diverged" if last.get("diverged") else ("" if acc is None else f"{acc:.4f}")
+            rows.append(f"{str(trial):<22} {trial.status:<11} {last.get('epoch', ''):>5} {acc_text:>8}")
+        return "\n".join(rows)
 
     def line(self, trials, trial, result) -> str:
         finished = [t for t in trials if t.status in ("TERMINATED", "ERROR")]

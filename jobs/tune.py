@@ -114,7 +114,11 @@ def trial_driver(config: dict, base: dict, resources: dict, data_refs: list, tra
 
 
 class SweepInterrupted(Exception):
-    """Ctrl-C during a sweep: its state is saved and `--resume NAME` continues it."""
+    """The sweep stopped short (Ctrl-C, or MLflow lost at the end); `--resume NAME` finishes it."""
+
+    def __init__(self, message: str, exit_code: int = 130):  # 130: the shell's code for Ctrl-C
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 @dataclass
@@ -159,6 +163,11 @@ def run_sweep(sweep: SweepConfig, space: dict, base: HyperParams, data: DataConf
     # Save Tune's experiment state at most a second apart (default: 10 s or more), so a
     # driver killed right after a trial finishes does not run that trial again on --resume.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
+    # MLflow's client retries a dead server for about four minutes per call by default;
+    # a few seconds is enough to ride out a blip without stalling the sweep.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
 
     experiment_id = tracking.configure(tracking_uri, tracking_cfg.experiment)
     tags = {**tracking.run_tags(data.source), "sweep": sweep.name}
@@ -189,17 +198,32 @@ def run_sweep(sweep: SweepConfig, space: dict, base: HyperParams, data: DataConf
         results, interrupted = fit_noting_interrupts(tuner)
         if interrupted:
             raise KeyboardInterrupt
-        return finish_sweep(results, sweep, base, splits, parent_run_id, experiment_id, tracking_cfg,
-                            tracking_uri, sweep_dir)
+        try:
+            return finish_sweep(results, sweep, base, splits, parent_run_id, experiment_id, tracking_cfg,
+                                tracking_uri, sweep_dir)
+        except (UsageError, RuntimeError):
+            raise
+        except Exception as error:  # the tracking server went away before the result was recorded
+            raise SweepInterrupted(
+                f"MLflow at {tracking_uri} failed while recording the result ({type(error).__name__}); "
+                f"every trial's result is kept in {sweep_dir}: once MLflow is back, run "
+                f"lenet-tune tune --resume {sweep.name}", exit_code=1) from None
     except KeyboardInterrupt:
-        if parent_run_id:
-            mlflow.MlflowClient(tracking_uri).set_terminated(parent_run_id, "KILLED")
+        close_parent(tracking_uri, parent_run_id, "KILLED")
         raise SweepInterrupted(f"sweep {sweep.name!r} interrupted; continue it with: "
                                f"lenet-tune tune --resume {sweep.name}") from None
-    except BaseException:
-        if parent_run_id:
-            mlflow.MlflowClient(tracking_uri).set_terminated(parent_run_id, "FAILED")
+    except (UsageError, RuntimeError):
+        close_parent(tracking_uri, parent_run_id, "FAILED")
         raise
+
+
+def close_parent(tracking_uri: str, parent_run_id: str | None, status: str) -> None:
+    """Mark the parent run, if MLflow can still be reached (it may be why we are closing)."""
+    if parent_run_id:
+        try:
+            mlflow.MlflowClient(tracking_uri).set_terminated(parent_run_id, status)
+        except Exception:
+            pass
 
 
 def fit_noting_interrupts(tuner: tune.Tuner):

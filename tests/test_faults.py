@@ -174,3 +174,76 @@ def test_gpus_on_a_cluster_without_gpus_are_refused_up_front(ray_runtime, workdi
     err = capsys.readouterr().err.strip()
     assert "--gpus-per-worker 1.0" in err and "0 GPUs" in err
     assert os.listdir(workdir) == []
+
+
+def start_mlflow_server(folder, port):
+    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{folder}/server.db",
+               "--artifacts-destination", str(folder / "artifacts"), "--host", "127.0.0.1",
+               "--port", str(port), "--workers", "1"]
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    import requests
+
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            if requests.get(f"http://127.0.0.1:{port}/health", timeout=2).ok:
+                return server
+        except requests.RequestException:
+            time.sleep(1)
+    os.killpg(server.pid, signal.SIGKILL)
+    raise RuntimeError("mlflow server did not start")
+
+
+def stop(process):
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+@pytest.mark.slow
+def test_tracking_server_dying_mid_sweep_loses_no_result(ray_runtime, tmp_path):
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    server = start_mlflow_server(tmp_path, port)
+    driver = None
+    try:
+        driver = start_sweep(tmp_path, uri, "outage")
+        deadline = time.time() + 300
+        while time.time() < deadline and driver.poll() is None:
+            client, runs = runs_of(uri, "outage")
+            if any(steps(client, kid) for kid in children(runs)):
+                break
+            time.sleep(0.5)
+        stop(server)  # the tracking server dies mid-sweep
+        code = driver.wait(timeout=600)
+        log = (tmp_path / "outage.log").read_text()
+        assert code == 1 and "lenet-tune tune --resume outage" in log
+        assert "Traceback" not in log.split("warning: MLflow")[-1]
+        # Training finished regardless: every trial's last epoch is in Ray's results.
+        from ray.tune import ExperimentAnalysis
+
+        analysis = ExperimentAnalysis(str(tmp_path / "results" / "outage"))
+        assert len(analysis.trials) == 4
+        assert all(t.last_result.get("epoch") == 4 for t in analysis.trials)
+
+        server = start_mlflow_server(tmp_path, port)  # back, with the same store
+        resumed = subprocess.run([LENET_TUNE, "tune", "--resume", "outage", "--tracking-uri", uri,
+                                  "--storage-path", str(tmp_path / "results")],
+                                 capture_output=True, text=True, timeout=600)
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        client, runs = runs_of(uri, "outage")
+        parents = [r for r in runs if "trial_id" not in r.data.tags]
+        assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+        assert client.get_model_version_by_alias("lenet-cifar10", "champion")
+        for kid in children(runs):  # what was logged before the outage is there, once
+            logged = steps(client, kid)
+            assert logged == sorted(set(logged))
+    finally:
+        if driver is not None and driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+        stop(server)

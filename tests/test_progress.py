@@ -5,8 +5,13 @@ from types import SimpleNamespace
 from jobs.progress import ProgressLine, format_seconds, progress_bar
 
 
-def trial(name, status, epoch):
-    return SimpleNamespace(status=status, last_result={"epoch": epoch}, __str__=lambda self: name)
+class FakeTrial(SimpleNamespace):
+    def __str__(self):
+        return self.name
+
+
+def trial(name, status, epoch, val_acc=0.5):
+    return FakeTrial(name=name, status=status, last_result={"epoch": epoch, "val_acc": val_acc})
 
 
 def test_line_reports_best_done_and_time_left():
@@ -29,3 +34,12 @@ def test_diverged_results_never_count_as_best():
     progress.on_trial_result(0, [], "t", {"epoch": 1, "val_acc": 0.0, "diverged": 1})
     assert "best n/a" in lines[-1]
     assert format_seconds(125) == "2m05s"
+
+
+def test_table_lists_every_trial_with_status_epoch_and_accuracy():
+    trials = [trial("trial-a", "TERMINATED", 10, 0.61), trial("trial-b", "RUNNING", 3, 0.42)]
+    trials[1].last_result["diverged"] = 1
+    lines = ProgressLine.table(trials).splitlines()
+    assert lines[0].split() == ["trial", "status", "epoch", "val_acc"]
+    assert lines[1].split() == ["trial-a", "TERMINATED", "10", "0.6100"]
+    assert lines[2].split() == ["trial-b", "RUNNING", "3", "diverged"]

@@ -137,6 +137,7 @@ class TrialLogger(tune.Callback):
         self.run_ids: dict[str, str] = {}  # trial_id -> MLflow run id
         self.logged_epochs: dict[str, set[int]] = {}
         self.started_at: dict[str, float] = {}  # trial_id -> time.time() when Tune launched it
+        self.broken = False  # set at the first MLflow failure: warn once, then stop logging
 
     @property
     def client(self) -> MlflowClient:
@@ -165,15 +166,38 @@ class TrialLogger(tune.Callback):
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self.started_at[trial.trial_id] = time.time()
-        self.run_id_for(trial)
+        self._safely(self.run_id_for, trial)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
+        self._safely(self._log_result, trial, result)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._safely(self._finish, trial, "FINISHED")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._safely(self._finish, trial, "FAILED")
+
+    def _safely(self, action, *args) -> None:
+        """Run a logging step; if MLflow fails, warn once and let training go on.
+
+        The results stay in Ray's results folder either way: a tracking server that
+        dies mid-sweep must not take finished trials down with it.
+        """
+        if self.broken:  # each call to a dead server costs its timeouts; stop asking
+            return
+        try:
+            action(*args)
+        except Exception as error:  # MlflowException, requests' and SQLAlchemy's errors alike
+            self.broken = True
+            print(f"lenet-tune: warning: MLflow at {self.tracking_uri} failed ({type(error).__name__}); "
+                  "training goes on and every result stays in the Ray results folder", flush=True)
+
+    def _log_result(self, trial, result: dict) -> None:
         run_id = self.run_id_for(trial)
         epoch = int(result.get("epoch", result.get("training_iteration", 0)))
         seen = self.logged_epochs.setdefault(trial.trial_id, set())
         if epoch in seen:
             return
-        seen.add(epoch)
         timestamp = int(result.get("timestamp", 0) * 1000) or None
         metrics = [
             Metric(key, float(result[key]), timestamp or 0, epoch)
@@ -187,12 +211,7 @@ class TrialLogger(tune.Callback):
             metrics.append(Metric("startup_seconds", max(startup, 0.0), timestamp or 0, epoch))
         tags = [RunTag("diverged", "true")] if result.get("diverged") else []
         self.client.log_batch(run_id, metrics=metrics, tags=tags)
-
-    def on_trial_complete(self, iteration, trials, trial, **info):
-        self._finish(trial, "FINISHED")
-
-    def on_trial_error(self, iteration, trials, trial, **info):
-        self._finish(trial, "FAILED")
+        seen.add(epoch)  # only once MLflow has it
 
     def _finish(self, trial, status: str) -> None:
         run_id = self.run_id_for(trial)
