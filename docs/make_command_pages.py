@@ -16,10 +16,17 @@ PAGES = Path(__file__).parent / "commands"
 
 def help_texts() -> dict[str, str]:
     """{command: its --help text} at a fixed width, so pages do not depend on the terminal."""
+    previous = os.environ.get("COLUMNS")
     os.environ["COLUMNS"] = "100"
-    parser = build_parser()
-    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    return {name: sub.format_help() for name, sub in subparsers.choices.items()}
+    try:
+        parser = build_parser()
+        subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        return {name: sub.format_help() for name, sub in subparsers.choices.items()}
+    finally:
+        if previous is None:
+            del os.environ["COLUMNS"]
+        else:
+            os.environ["COLUMNS"] = previous
 
 
 def page(name: str, text: str) -> str:

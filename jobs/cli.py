@@ -22,7 +22,7 @@ from trainables.data import DataError
 
 
 # Job modules that register their own sub-command (add_parser) and handle it (run).
-PLUGGED_COMMANDS: list[str] = ["jobs.predict"]
+PLUGGED_COMMANDS: list[str] = ["jobs.predict", "jobs.cluster", "jobs.submit"]
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -267,6 +267,9 @@ def print_summary(outcome, tracking) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from jobs.runtime import opt_out_of_telemetry
+
+    opt_out_of_telemetry()
     args = build_parser().parse_args(argv)
     from jobs.tune import SweepInterrupted
 

@@ -12,12 +12,20 @@ class UsageError(ValueError):
     """A user's mistake: printed as one line naming the value and the fix, exit status 2."""
 
 
+def opt_out_of_telemetry() -> None:
+    """No usage reports from Ray or MLflow: a sweep talks only to its own cluster and tracking store."""
+    for name, value in (("RAY_USAGE_STATS_ENABLED", "0"), ("MLFLOW_DISABLE_TELEMETRY", "true"),
+                        ("DO_NOT_TRACK", "true")):
+        os.environ.setdefault(name, value)
+
+
 def connect_ray(num_cpus: int | None = None) -> dict:
     """Join $RAY_ADDRESS if set, else start Ray in this process bound to loopback.
 
     Returns the cluster's resources. An in-process Ray started here generates and
     uses its own authentication token (Ray 2.60's default for local clusters).
     """
+    opt_out_of_telemetry()
     if not ray.is_initialized():
         address = os.environ.get("RAY_ADDRESS")
         if address:

@@ -57,7 +57,7 @@ def test_installed_command_prints_no_traceback(workdir):
 def test_help_states_defaults_and_units(capsys):
     with pytest.raises(SystemExit):
         main(["tune", "--help"])
-    text = capsys.readouterr().out
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps to the terminal's width
     for phrase in ("default 8", "default 0 = CPU", "--smoke", "log-uniform"):
         assert phrase in text
 

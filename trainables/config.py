@@ -21,7 +21,8 @@ class _Frozen(BaseModel):
 
 class DataConfig(_Frozen):
     source: str = "cifar10"  # 'cifar10', 'imagefolder:PATH' or 'synthetic'
-    data_dir: str = "data"  # where cifar10 is downloaded and decoded once
+    # Where cifar10 is downloaded and decoded once: $LENET_DATA_DIR, else ./data.
+    data_dir: str = Field(default_factory=lambda: os.environ.get("LENET_DATA_DIR", "data"))
     val_fraction: float = Field(0.1, gt=0, lt=1)  # share of training images held out, per class
     test_fraction: float = Field(0.1, gt=0, lt=1)  # held out for test when the source has no test split
     seed: int = 0  # seeds the split and the synthetic images
