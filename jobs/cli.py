@@ -17,7 +17,8 @@ import sys
 from pydantic import ValidationError
 
 from jobs.runtime import UsageError
-from trainables.config import DataConfig, HyperParams, Resources, SearchSpace, SweepConfig, TrackingConfig
+from trainables.config import (DataConfig, HyperParams, Resources, SearchSpace, SweepConfig, TrackingConfig,
+                                redact)
 from trainables.data import DataError
 
 
@@ -263,7 +264,7 @@ def print_summary(outcome, tracking) -> None:
     print(f"best config: {json.dumps(outcome.best_config)}")
     champion = "now the champion" if test["promoted"] else f"champion kept ({test['previous_champion_acc']:.4f})"
     print(f"registered {tracking.model_name} version {test['version']}: {champion}")
-    print(f"results: {outcome.results_path}\nMLflow: {tracking.resolved_uri()}  (browse: lenet-tune ui)")
+    print(f"results: {outcome.results_path}\nMLflow: {redact(tracking.resolved_uri())}  (browse: lenet-tune ui)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -276,13 +277,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run_command(args)
     except SweepInterrupted as interrupted:
-        print(f"lenet-tune: {interrupted}", file=sys.stderr)
+        print(f"lenet-tune: {redact(str(interrupted))}", file=sys.stderr)
         return interrupted.exit_code
     except ValidationError as error:
         message = describe_validation_error(error)
     except (UsageError, DataError) as error:
         message = str(error)
-    print(f"lenet-tune: error: {message}", file=sys.stderr)
+    print(f"lenet-tune: error: {redact(message)}", file=sys.stderr)
     return 2
 
 

@@ -367,7 +367,8 @@ def resume_configs(name: str, tracking_cfg: TrackingConfig) -> dict:
     saved = yaml.safe_load(mlflow.artifacts.load_text(f"{found[0].info.artifact_uri}/{tracking.CONFIG_ARTIFACT}"))
     return {"sweep": SweepConfig(**saved["sweep"]), "hparams": HyperParams(**saved["hparams"]),
             "data": DataConfig(**saved["data"]), "resources": Resources(**saved["resources"]),
-            "tracking": TrackingConfig(**saved["tracking"])}
+            # Where to log is where the user points now (the saved copy has credentials redacted).
+            "tracking": tracking_cfg}
 
 
 def write_report(results, base: HyperParams, champion: dict, sweep_dir: str) -> Path:

@@ -247,3 +247,23 @@ def test_tracking_server_dying_mid_sweep_loses_no_result(ray_runtime, tmp_path):
         if driver is not None and driver.poll() is None:
             os.killpg(driver.pid, signal.SIGKILL)
         stop(server)
+
+
+def test_planted_secrets_never_reach_mlflow_or_the_output(ray_runtime, tmp_path, monkeypatch, capsys):
+    from trainables.config import redact
+
+    secret = "planted-s3cr3t-value"
+    for name in ("AWS_SECRET_ACCESS_KEY", "MLFLOW_TRACKING_PASSWORD", "RAY_AUTH_TOKEN_PLANTED"):
+        monkeypatch.setenv(name, secret)
+    assert redact(f"https://user:{secret}@mlflow.example/x") == "https://***@mlflow.example/x"
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    assert main(["tune", "--smoke", "--num-samples", "2", "--name", "secret", "--tracking-uri", uri,
+                 "--storage-path", str(tmp_path / "results")]) == 0
+    out = capsys.readouterr()
+    assert secret not in out.out + out.err
+    client, runs = runs_of(uri, "secret")
+    for run in runs:
+        assert secret not in repr(run.data.params) + repr(run.data.tags)
+    parent = [r for r in runs if "trial_id" not in r.data.tags][0]
+    config = mlflow.artifacts.load_text(f"{parent.info.artifact_uri}/sweep-config.yaml")
+    assert secret not in config

@@ -8,6 +8,7 @@ Ray boundary (`model_dump()`), and are rebuilt on the other side.
 from __future__ import annotations
 
 import os
+import re
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -123,3 +124,8 @@ def default_tracking_uri() -> str:
     # SQLite in the working directory. Only the sweep driver process writes to
     # it (workers report to Ray, not to MLflow), so trials never contend for the lock.
     return "sqlite:///" + os.path.abspath("mlflow.db")
+
+
+def redact(text: str) -> str:
+    """Hide credentials in URIs (scheme://user:password@host -> scheme://***@host)."""
+    return re.sub(r"(\w[\w+.-]*://)[^/@\s]+@", r"\1***@", text)

@@ -24,6 +24,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from ray import tune
 
+from trainables.config import redact
 from trainables.data import Splits
 from trainables.evaluation import confusion_matrix, plot_confusion, serving_model, summarize
 
@@ -85,8 +86,8 @@ def run_tags(data_source: str) -> dict:
 
 
 def flat_params(params: dict) -> dict:
-    """MLflow params are strings; None becomes 'None' rather than vanishing."""
-    return {key: str(value) for key, value in params.items()}
+    """MLflow params are strings; None becomes 'None' rather than vanishing; no credentials."""
+    return {key: redact(str(value)) for key, value in params.items()}
 
 
 def find_child_run(client: MlflowClient, experiment_id: str, parent_run_id: str | None, trial_id: str):
@@ -114,7 +115,7 @@ def open_parent_run(tracking_uri: str, experiment_id: str, name: str, resume: bo
         return run_id
     run_id = client.create_run(experiment_id, run_name=name, tags=tags).info.run_id
     client.log_batch(run_id, params=[Param(k, v) for k, v in flat_params(params).items()])
-    client.log_text(run_id, yaml.safe_dump(resolved_config, sort_keys=False), CONFIG_ARTIFACT)
+    client.log_text(run_id, redact(yaml.safe_dump(resolved_config, sort_keys=False)), CONFIG_ARTIFACT)
     return run_id
 
 
@@ -189,7 +190,7 @@ class TrialLogger(tune.Callback):
             action(*args)
         except Exception as error:  # MlflowException, requests' and SQLAlchemy's errors alike
             self.broken = True
-            print(f"lenet-tune: warning: MLflow at {self.tracking_uri} failed ({type(error).__name__}); "
+            print(f"lenet-tune: warning: MLflow at {redact(self.tracking_uri)} failed ({type(error).__name__}); "
                   "training goes on and every result stays in the Ray results folder", flush=True)
 
     def _log_result(self, trial, result: dict) -> None:
