@@ -1,0 +1,111 @@
+"""The mechanisms behind the speed targets: threads per trial, one shared dataset, no oversubscription.
+
+benchmarks/run.py times them; these tests check that they are in place, with no
+timed asserts. Each trial here runs the product's own in-trial path
+(`train_in_tune_trial`), then reports what it saw from inside its process.
+"""
+
+from __future__ import annotations
+
+import itertools
+import sys
+
+import pytest
+import ray
+import torch
+from ray import cloudpickle, tune
+
+from jobs.runtime import UsageError, check_fits, max_concurrent_trials
+from trainables.config import DataConfig, HyperParams, Resources
+from trainables.data import load_splits
+from trainables.loop import train_in_tune_trial
+from trainables.trainer import worker_config
+
+# The trial function below lives in this test module, which Ray's workers cannot import.
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+def backing_file(address: int) -> str:
+    """The file (or [anon]) behind the memory mapping that holds `address` in this process."""
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            fields = line.split()
+            start, end = (int(bound, 16) for bound in fields[0].split("-"))
+            if start <= address < end:
+                return fields[5] if len(fields) > 5 else "[anon]"
+    return "unmapped"
+
+
+def probe_trial(config: dict, data_refs: list) -> None:
+    """The product's one-worker trial, then a report of threads and of where the data lives."""
+    hparams = HyperParams(epochs=1, batch_size=64)
+    train_in_tune_trial(worker_config(hparams, Resources(cpus_per_worker=config["cpus"]), data_refs[0]))
+    splits = ray.get(data_refs[0])
+    tune.report({
+        "epoch": 2,  # after fit's epoch 1
+        "torch_threads": torch.get_num_threads(),
+        "data_ref": data_refs[0].hex(),
+        "data_writeable": bool(splits.train_images.flags.writeable),
+        "data_mapping": backing_file(splits.train_images.ctypes.data),
+    })
+
+
+@pytest.fixture(scope="module")
+def probed(ray_runtime, tmp_path_factory):
+    """Two real trials on the 2-CPU runtime: cpus_per_worker 1, then 2; the driver's data ref."""
+    splits = load_splits(DataConfig(source="synthetic", synthetic_train_images=600))
+    data_ref = ray.put(splits)
+    trainable = tune.with_resources(
+        # In a list, as jobs/tune.py does, so the trial gets the reference rather than the arrays.
+        tune.with_parameters(probe_trial, data_refs=[data_ref]),
+        lambda config: {"cpu": config["cpus"]},
+    )
+    grid = tune.Tuner(
+        trainable,
+        param_space={"cpus": tune.grid_search([1, 2])},
+        run_config=tune.RunConfig(storage_path=str(tmp_path_factory.mktemp("mechanisms")), verbose=0),
+    ).fit()
+    assert not grid.errors, grid.errors
+    return {result.config["cpus"]: result.metrics for result in grid}, data_ref.hex()
+
+
+@pytest.mark.parametrize("cpus", [1, 2])
+def test_torch_threads_in_a_trial_equal_its_cpus(probed, cpus):
+    reports, _ = probed
+    assert reports[cpus]["torch_threads"] == cpus
+
+
+def test_trials_read_the_one_shared_copy_of_the_data(probed):
+    reports, driver_ref = probed
+    for metrics in reports.values():
+        # The trial was handed the driver's object, not a copy put there for it...
+        assert metrics["data_ref"] == driver_ref
+        # ...and reads it in place: read-only arrays mapped from the object store's shared memory.
+        assert metrics["data_writeable"] is False
+        assert "plasma" in metrics["data_mapping"], metrics["data_mapping"]  # e.g. /dev/shm/plasmaXis5Sd
+
+
+CLUSTERS = [{"CPU": 2}, {"CPU": 3}, {"CPU": 16}, {"CPU": 16, "GPU": 1}, {"CPU": 8, "GPU": 4}, {"CPU": 64, "GPU": 8}]
+
+
+@pytest.mark.parametrize("cluster", CLUSTERS, ids=lambda c: "-".join(f"{v}{k}" for k, v in c.items()))
+def test_concurrent_trials_never_oversubscribe_cores_or_gpus(cluster):
+    for workers, cpus, gpus in itertools.product([1, 2, 4], [1, 2, 3], [0, 0.25, 0.5, 1]):
+        if gpus and not cluster.get("GPU"):
+            continue
+        fits = max_concurrent_trials(cluster, workers, cpus, gpus)
+        assert fits * workers * cpus <= cluster["CPU"]
+        assert fits * workers * gpus <= cluster.get("GPU", 0) + 1e-9
+        # ...and it uses what there is: one more trial would not fit.
+        more = fits + 1
+        assert more * workers * cpus > cluster["CPU"] or more * workers * gpus > cluster.get("GPU", 0) + 1e-9
+
+
+def test_laptop_shapes():
+    two_cores = {"CPU": 2}
+    assert max_concurrent_trials(two_cores, 1, 1, 0) == 2  # the default: two one-thread trials
+    assert max_concurrent_trials(two_cores, 1, 2, 0) == 1
+    assert max_concurrent_trials(two_cores, 2, 1, 0) == 1  # one DDP trial of two workers
+    assert max_concurrent_trials({"CPU": 16, "GPU": 1}, 1, 1, 0.25) == 4  # four trials share a GPU
+    with pytest.raises(UsageError, match="--cpus-per-worker"):
+        check_fits(two_cores, 1, 3, 0)  # could never be scheduled: refused, not left waiting
