@@ -9,7 +9,6 @@ training step.
 from __future__ import annotations
 
 import math
-import os
 import platform
 import subprocess
 import time
