@@ -274,7 +274,7 @@ def make_tuner(trainable, space, sweep, base, resources, cluster, storage, logge
         tune_config=tune.TuneConfig(
             metric=BEST_METRIC, mode="max", num_samples=sweep.num_samples,
             max_concurrent_trials=concurrency,
-            scheduler=make_scheduler(sweep, base.epochs), search_alg=make_search(sweep),
+            scheduler=make_scheduler(sweep, base.epochs), search_alg=make_search(sweep, concurrency),
             trial_name_creator=trial_name, trial_dirname_creator=trial_name,
         ),
         run_config=tune.RunConfig(
@@ -299,12 +299,13 @@ def make_scheduler(sweep: SweepConfig, max_epochs: int):
                          grace_period=min(sweep.grace_period, max_epochs), reduction_factor=2)
 
 
-def make_search(sweep: SweepConfig):
+def make_search(sweep: SweepConfig, concurrency: int | None = None):
     if sweep.search == "optuna":
         from ray.tune.search.optuna import OptunaSearch
 
         return OptunaSearch(seed=sweep.seed)
-    return BasicVariantGenerator(random_state=sweep.seed)  # random search, reproducible
+    # Tune ignores TuneConfig.max_concurrent_trials for this searcher: it must carry the limit itself.
+    return BasicVariantGenerator(random_state=sweep.seed, max_concurrent=concurrency or 0)
 
 
 def best_checkpoint(results) -> tuple[dict, str, str]:
