@@ -29,7 +29,14 @@ def connect_ray(num_cpus: int | None = None) -> dict:
     if not ray.is_initialized():
         address = os.environ.get("RAY_ADDRESS")
         if address:
-            ray.init(address=address, log_to_driver=True)
+            check_ray_address(address)
+            if address.removeprefix("ray://").rpartition(":")[0] in LOOPBACK_HOSTS:
+                keep_ray_on_loopback()  # else Ray swaps 127.0.0.1 for this machine's routable address
+            try:
+                ray.init(address=address, log_to_driver=True)
+            except ConnectionError as error:  # something answers there, but not a Ray cluster's GCS
+                raise UsageError(f"no Ray cluster answers at RAY_ADDRESS={address} ({error}): check the "
+                                 "address, or unset RAY_ADDRESS to run Ray in this process") from None
         else:
             # Ray Train frees a stopped trial's workers through the state API, which the
             # dashboard serves: without it, trials that ASHA stops keep their CPUs forever.
@@ -47,6 +54,36 @@ def connect_ray(num_cpus: int | None = None) -> dict:
                 configure_logging=False,
             )
     return ray.cluster_resources()
+
+
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost")
+# HTTP/2's client preface and an empty SETTINGS frame (RFC 9113, section 3.4).
+HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
+
+
+def check_ray_address(address: str, timeout: float = 5) -> None:
+    """Refuse within seconds a RAY_ADDRESS that nothing answers at (ray.init retries it for minutes)."""
+    if address in ("", "auto"):
+        return  # in-process Ray, or Ray reads the address of the cluster started on this machine itself
+    if address.startswith(("http://", "https://")):
+        raise UsageError(f"RAY_ADDRESS={address} is a dashboard (Jobs API) address: submit with "
+                         "lenet-tune submit -- tune ..., set RAY_ADDRESS to the cluster's HOST:PORT (GCS), "
+                         "or unset RAY_ADDRESS to run Ray in this process")
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise UsageError(f"RAY_ADDRESS={address} is not HOST:PORT: set it to the cluster's address, "
+                         "e.g. 127.0.0.1:6379, or unset RAY_ADDRESS to run Ray in this process")
+    try:
+        # Ray's GCS speaks gRPC: it answers HTTP/2's opening with a SETTINGS frame. A port that
+        # accepts and stays silent would otherwise hold ray.init for minutes.
+        with socket.create_connection((host, int(port)), timeout=timeout) as probe:
+            probe.sendall(HTTP2_PREFACE)
+            answered = probe.recv(9)
+        if len(answered) < 4 or answered[3] != 0x04:
+            raise OSError("it does not speak gRPC")
+    except OSError as error:
+        raise UsageError(f"no Ray cluster answers at RAY_ADDRESS={address} ({error.strerror or error}): "
+                         "start one (lenet-tune cluster up) or unset RAY_ADDRESS to run Ray in this process") from None
 
 
 def keep_ray_on_loopback() -> None:

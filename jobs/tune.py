@@ -32,7 +32,8 @@ from ray.tune.search import BasicVariantGenerator
 
 from jobs.progress import ProgressLine
 from jobs.report import build_report, tables_from_results
-from jobs.runtime import UsageError, check_fits, check_multinode, connect_ray, max_concurrent_trials
+from jobs.runtime import (UsageError, check_fits, check_multinode, check_ray_address, connect_ray,
+                          max_concurrent_trials)
 from trainables import tracking
 from trainables.config import DataConfig, HyperParams, Resources, SearchSpace, SweepConfig, TrackingConfig
 from trainables.data import load_splits
@@ -155,6 +156,8 @@ def run_sweep(sweep: SweepConfig, space: dict, base: HyperParams, data: DataConf
     if problem := tracking.check_reachable(tracking_uri):
         raise UsageError(f"MLflow tracking server {tracking_uri} is unreachable ({problem}): "
                          "start it (lenet-tune cluster up) or pass another --tracking-uri")
+    if not ray.is_initialized():
+        check_ray_address(os.environ.get("RAY_ADDRESS", ""))  # before the data load, which takes a while
     splits = load_splits(data)  # data errors surface before any cluster work
     cluster = connect_ray()
     check_fits(cluster, resources.workers_per_trial, resources.cpus_per_worker, resources.gpus_per_worker)

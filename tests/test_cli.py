@@ -73,3 +73,39 @@ def test_multinode_cluster_refuses_local_storage_and_sqlite(monkeypatch):
     check_multinode("s3://bucket/results", "http://10.0.0.1:5000", alive_nodes=3)
     monkeypatch.setenv("LENET_SHARED_STORAGE", "1")
     check_multinode("/mnt/nfs/results", "http://127.0.0.1:5000", alive_nodes=2)
+
+
+@pytest.fixture
+def silent_port():
+    """A loopback port that accepts connections and never answers, like a hung or foreign service."""
+    import socket
+
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(8)
+        yield server.getsockname()[1]
+
+
+def closed_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]  # closed again when the block ends: nothing listens there
+
+
+@pytest.mark.parametrize("kind", ["refused", "silent", "dashboard-url", "no-port"])
+def test_unreachable_ray_address_fails_fast_in_one_line(kind, silent_port, workdir):
+    import time
+
+    address = {"refused": f"127.0.0.1:{closed_port()}", "silent": f"127.0.0.1:{silent_port}",
+               "dashboard-url": "http://127.0.0.1:8265", "no-port": "127.0.0.1"}[kind]
+    command = [os.path.join(os.path.dirname(sys.executable), "lenet-tune"), "tune", "--smoke"]
+    started = time.monotonic()
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "RAY_ADDRESS": address})
+    assert time.monotonic() - started < 30  # the issue's bound: ray.init alone retries for minutes
+    assert done.returncode == 2, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert f"RAY_ADDRESS={address}" in done.stderr and "unset RAY_ADDRESS" in done.stderr
+    assert os.listdir(workdir) == []
