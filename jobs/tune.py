@@ -188,20 +188,22 @@ def run_sweep(sweep: SweepConfig, space: dict, base: HyperParams, data: DataConf
             **{f"base_{k}": v for k, v in base.model_dump().items()}}, resolved)
 
     trainable = make_trainable(sweep, base, resources, data_ref, sweep_dir)
+    logger = tracking.TrialLogger(
+        tracking_uri, experiment_id, parent_run_id,
+        lambda config: {**trial_hparams(base, config).model_dump(), **scaling_params},
+        tags, base.epochs)
     if resume:
         # Tune keeps the search space, searcher state and callbacks (our TrialLogger) in the folder.
         tuner = tune.Tuner.restore(sweep_dir, trainable, resume_unfinished=True, resume_errored=True)
     else:
-        logger = tracking.TrialLogger(
-            tracking_uri, experiment_id, parent_run_id,
-            lambda config: {**trial_hparams(base, config).model_dump(), **scaling_params},
-            tags, base.epochs)
         tuner = make_tuner(trainable, space, sweep, base, resources, cluster, storage, logger)
     try:
         results, interrupted = fit_noting_interrupts(tuner)
         if interrupted:
             raise KeyboardInterrupt
         try:
+            if added := logger.backfill(results):
+                print(f"lenet-tune: logged {added} epoch(s) that MLflow had missed, from {sweep_dir}", flush=True)
             return finish_sweep(results, sweep, base, splits, parent_run_id, experiment_id, tracking_cfg,
                                 tracking_uri, sweep_dir)
         except (UsageError, RuntimeError):

@@ -111,3 +111,39 @@ def test_evaluate_scores_the_champion(sweep, capsys):
     report = json.loads(out[out.index("{"):])
     assert report["test_images"] == 400 and 0 <= report["test_acc"] <= 1
     assert np.isclose(sum(1 for _ in report["per_class_acc"]), 10)
+
+
+def test_backfill_relogs_epochs_mlflow_missed_from_ray_results(sweep, tmp_path):
+    """A server outage or a killed driver leaves gaps in MLflow; Ray's results fill them, once."""
+    import shutil
+    import sqlite3
+
+    from ray.tune import ExperimentAnalysis, ResultGrid
+
+    from trainables.tracking import TrialLogger
+
+    folder, uri, client, experiment = sweep
+    shutil.copy(folder / "mlflow.db", tmp_path / "gappy.db")  # leave the shared store alone
+    gappy_uri = f"sqlite:///{tmp_path}/gappy.db"
+    gappy = mlflow.MlflowClient(gappy_uri)
+    parent = gappy.search_runs([experiment.experiment_id], "attributes.run_name = 'smoke'")[0]
+    kids = child_runs(gappy, experiment.experiment_id, parent.info.run_id)
+    full = {k.info.run_id: [(m.step, m.value) for m in client.get_metric_history(k.info.run_id, "val_acc")]
+            for k in kids}
+    victim = kids[0].info.run_id
+    with sqlite3.connect(tmp_path / "gappy.db") as db:  # what a driver killed after epoch 0 leaves
+        db.execute("DELETE FROM metrics WHERE run_uuid = ?", (victim,))
+        db.execute("DELETE FROM latest_metrics WHERE run_uuid = ?", (victim,))
+        db.execute("UPDATE runs SET status = 'RUNNING', end_time = NULL WHERE run_uuid = ?", (victim,))
+    assert gappy.get_metric_history(victim, "val_acc") == []
+
+    results = ResultGrid(ExperimentAnalysis(str(folder / "results" / "smoke")))
+    logger = TrialLogger(gappy_uri, experiment.experiment_id, parent.info.run_id, lambda c: {}, {}, 2)
+    assert logger.backfill(results) == len(full[victim])
+    for kid in kids:
+        assert [(m.step, m.value) for m in gappy.get_metric_history(kid.info.run_id, "val_acc")] == \
+            full[kid.info.run_id]
+    assert gappy.get_run(victim).info.status == "FINISHED"
+    fresh = TrialLogger(gappy_uri, experiment.experiment_id, parent.info.run_id, lambda c: {}, {}, 2)
+    assert fresh.backfill(results) == 0  # nothing missing: nothing logged twice
+    assert len(child_runs(gappy, experiment.experiment_id, parent.info.run_id)) == 3

@@ -9,10 +9,12 @@ training step.
 from __future__ import annotations
 
 import math
+import numbers
 import platform
 import subprocess
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import mlflow
 import numpy as np
@@ -202,7 +204,7 @@ class TrialLogger(tune.Callback):
         metrics = [
             Metric(key, float(result[key]), timestamp or 0, epoch)
             for key in EPOCH_METRICS
-            if key in result and isinstance(result[key], (int, float))
+            if key in result and isinstance(result[key], numbers.Real)
         ]
         started = self.started_at.pop(trial.trial_id, None)
         if started is not None and "epoch_seconds" in result:
@@ -212,6 +214,30 @@ class TrialLogger(tune.Callback):
         tags = [RunTag("diverged", "true")] if result.get("diverged") else []
         self.client.log_batch(run_id, metrics=metrics, tags=tags)
         seen.add(epoch)  # only once MLflow has it
+
+    def backfill(self, results) -> int:
+        """Log every epoch MLflow missed from Ray's own results; returns the points added.
+
+        A tracking server that was down, or a driver killed between a report and its
+        logging, leaves gaps; Ray's results folder has every reported epoch. Epochs
+        already in MLflow are skipped, so this adds nothing on a clean sweep.
+        """
+        added = 0
+        for result in results:
+            frame = result.metrics_dataframe
+            if frame is None or frame.empty or "trial_id" not in frame:
+                continue
+            rows = frame.to_dict("records")
+            trial = SimpleNamespace(trial_id=rows[-1]["trial_id"], config=result.config, last_result=rows[-1])
+            run_id = self.run_id_for(trial)
+            before = len(self.logged_epochs[trial.trial_id])
+            for row in rows:
+                self._log_result(trial, row)
+            missed = len(self.logged_epochs[trial.trial_id]) - before
+            if missed or self.client.get_run(run_id).info.status == "RUNNING":
+                self._finish(trial, "FAILED" if result.error else "FINISHED")
+            added += missed
+        return added
 
     def _finish(self, trial, status: str) -> None:
         run_id = self.run_id_for(trial)
