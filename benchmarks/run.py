@@ -439,10 +439,10 @@ def blitz_time_to_accuracy(train_dir: Path, train_idx, val_idx, target: float, b
 
 
 def probe_trial(config: dict, **bound) -> None:
-    """The product's trial (jobs.tune.trial_driver), then what its process saw: threads, data, pid."""
+    """The product's trial (trainables.trial.trial_driver), then what its process saw: threads, data, pid."""
     from ray import tune
 
-    from jobs.tune import trial_driver
+    from trainables.trial import trial_driver
 
     trial_driver(config, **bound)
     splits = ray.get(bound["data_refs"][0])

@@ -75,7 +75,7 @@ def tables_from_results(results, params_of, max_epochs: int) -> tuple[pd.DataFra
     """(trials, curves) for build_report from a Tune ResultGrid.
 
     params_of(config) turns a trial's sampled config into its full hyperparameters
-    (the sweep passes `lambda c: trial_hparams(base, c).model_dump()`).
+    (the sweep passes `lambda c: trial_hparams(base, c).model_dump()`, from trainables/trial.py).
     """
     rows, curves = [], {}
     for result in results:

@@ -26,7 +26,7 @@ import pandas as pd
 import ray
 import yaml
 from ray import tune
-from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallback
+from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search import BasicVariantGenerator
 
@@ -37,13 +37,13 @@ from jobs.runtime import (UsageError, check_fits, check_multinode, check_ray_add
 from trainables import tracking
 from trainables.config import DataConfig, HyperParams, Resources, SearchSpace, SweepConfig, TrackingConfig
 from trainables.data import load_splits
-from trainables.loop import load_checkpoint, train_in_tune_trial
+from trainables.loop import load_checkpoint
 from trainables.model import geometry_error, valid_geometries
-from trainables.trainer import BEST_METRIC, build_trainer, worker_config
+from trainables.trainer import BEST_METRIC
+from trainables.trial import trial_driver, trial_hparams, uses_torchtrainer
 
-# The knobs a trial's config may carry; everything else comes from the base HyperParams.
+# The driver of a TorchTrainer trial holds no CPU, just this token amount of memory.
 DRIVER_MEMORY_BYTES = 64 * 1024**2
-SAMPLED_KEYS = ("lr", "batch_size", "momentum", "augment", "geometry")
 
 
 def default_name() -> str:
@@ -79,39 +79,6 @@ def param_space(space: SearchSpace) -> dict:
         "augment": tune.choice(list(space.augments)),
         "geometry": tune.choice(geometry_choices(space)),
     }
-
-
-def trial_hparams(base: HyperParams, config: dict) -> HyperParams:
-    """The base hyperparameters with a trial's sampled values applied."""
-    sampled = {k: config[k] for k in SAMPLED_KEYS if k in config}
-    if "geometry" in sampled:
-        dilation, padding = (int(v) for v in str(sampled.pop("geometry")).split(":"))
-        sampled.update(dilation=dilation, padding=padding)
-    return base.model_copy(update=sampled)
-
-
-def uses_torchtrainer(sweep: SweepConfig, resources: Resources) -> bool:
-    """DDP trials always run on a TorchTrainer; one-worker trials too when asked."""
-    return resources.workers_per_trial > 1 or sweep.trial_runner == "torchtrainer"
-
-
-def trial_driver(config: dict, base: dict, resources: dict, data_refs: list, trainer_storage: str,
-                 torchtrainer: bool) -> None:
-    """One Tune trial: the shared TorchTrainer (or, for one worker, the same loop in-trial)."""
-    hparams = trial_hparams(HyperParams(**base), config)
-    if not torchtrainer:
-        train_in_tune_trial(worker_config(hparams, Resources(**resources), data_refs[0]))
-        return
-    trainer = build_trainer(
-        hparams,
-        Resources(**resources),
-        data_refs[0],
-        # Trial ids are unique per sweep, so a restarted trial finds its own checkpoints.
-        name=tune.get_context().get_trial_id(),
-        storage_path=trainer_storage,
-        callbacks=[TuneReportCallback()],
-    )
-    trainer.fit()
 
 
 class SweepInterrupted(Exception):

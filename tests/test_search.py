@@ -5,9 +5,10 @@ from ray.tune.search.optuna import OptunaSearch
 from ray.tune.search.variant_generator import generate_variants
 
 from jobs.runtime import UsageError
-from jobs.tune import geometry_choices, make_search, param_space, trial_hparams
+from jobs.tune import geometry_choices, make_search, param_space
 from trainables.config import HyperParams, SearchSpace, SweepConfig
 from trainables.model import geometry_error
+from trainables.trial import trial_hparams
 
 WIDE = SearchSpace(dilations=(1, 2, 3, 4), paddings=(0, 1, 2))
 
