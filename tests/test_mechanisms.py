@@ -109,3 +109,14 @@ def test_laptop_shapes():
     assert max_concurrent_trials({"CPU": 16, "GPU": 1}, 1, 1, 0.25) == 4  # four trials share a GPU
     with pytest.raises(UsageError, match="--cpus-per-worker"):
         check_fits(two_cores, 1, 3, 0)  # could never be scheduled: refused, not left waiting
+
+
+def test_a_trial_process_imports_no_tracking_or_reporting_code():
+    """Tune imports a trial's function by module: that module must not pull in MLflow and friends
+    (each concurrent trial would pay their memory)."""
+    import subprocess
+
+    probe = ("import sys, trainables.trial; "
+             "print(sorted(m for m in ('mlflow', 'matplotlib', 'jobs.tune', 'trainables.tracking') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True)
+    assert done.stdout.strip() == "[]"
