@@ -4,7 +4,6 @@ On a 2-core laptop, with the CIFAR-10 training JPEGs in /tmp/cifar/train/<class>
     PYTHONPATH=. python benchmarks/run.py
     PYTHONPATH=. python benchmarks/run.py --json /tmp/bench.json
     PYTHONPATH=. python benchmarks/run.py --sweep    # adds the default sweep: 65% val in 10 minutes? (+~10 min)
-    PYTHONPATH=. python benchmarks/run.py --what-if  # adds TorchTrainer/DDP sweeps that honour the concurrency limit
     PYTHONPATH=. python benchmarks/run.py --help     # every option, with defaults and units
 
 It prints the environment (cores, threads, CPU taken by other processes), one
@@ -104,7 +103,7 @@ def product_images_per_second(images, labels, threads: int, augment: str, channe
     hp = HyperParams(augment=augment)
     torch.manual_seed(hp.seed)
     model = LeNet(hp.dilation, hp.padding)
-    if channels_last:  # what-if: the layout plain_loop uses; the product keeps NCHW on CPU
+    if channels_last:  # what-if: the layout plain_loop uses
         model = model.to(memory_format=torch.channels_last)
         images = images.contiguous(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=hp.lr, momentum=hp.momentum,
@@ -263,32 +262,8 @@ def fixed_space(hp: HyperParams) -> dict:
 # ---------------------------------------------------------------- 2 and 6. overhead and tracking cost
 
 
-@contextlib.contextmanager
-def concurrency_honoured(limit: int):
-    """What-if: random search that starts at most `limit` trials at once.
-
-    Tune ignores TuneConfig.max_concurrent_trials when the search algorithm is a
-    BasicVariantGenerator (it warns "max_concurrent_trials will be ignored"), so every
-    TorchTrainer trial's driver, which holds no CPU, starts at once. The generator's own
-    max_concurrent is honoured; this sets it.
-    """
-    import jobs.tune
-    from ray.tune.search import BasicVariantGenerator
-
-    original = jobs.tune.make_search
-
-    def make_search(sweep):
-        search = original(sweep)
-        if isinstance(search, BasicVariantGenerator):
-            search.max_concurrent = limit
-        return search
-
-    with mock.patch.object(jobs.tune, "make_search", make_search):
-        yield
-
-
 def sweep_overhead(label: str, resources: Resources, runner: str, data: DataConfig, scratch: Path,
-                   trials: int = 4, epochs: int = 2, cores: int = 2, honour_concurrency: bool = False) -> dict:
+                   trials: int = 4, epochs: int = 2, cores: int = 2) -> dict:
     """A sweep of `trials` identical trials through run_sweep; per-trial overhead and TrialLogger's share."""
     from jobs.tune import run_sweep
 
@@ -298,8 +273,7 @@ def sweep_overhead(label: str, resources: Resources, runner: str, data: DataConf
     cpus_per_trial = resources.workers_per_trial * resources.cpus_per_worker
     slots = cores // cpus_per_trial  # trials the machine can train at once
     load = {}
-    with others_load(load), SweepClock() as clock, (
-            concurrency_honoured(slots) if honour_concurrency else contextlib.nullcontext()):
+    with others_load(load), SweepClock() as clock:
         run_sweep(sweep, fixed_space(hp), hp, data, resources, scratch_tracking(scratch))
     rows = clock.per_trial(slots)
     training = max_overlap([(r["train_start"], r["train_end"]) for r in rows])
@@ -738,14 +712,11 @@ def run(args: argparse.Namespace) -> dict:
         if not args.skip_overhead:
             subset = DataConfig(source=f"imagefolder:{root}", max_train_images=args.overhead_images)
             one_cpu, ddp = Resources(cpus_per_worker=1), Resources(workers_per_trial=2, cpus_per_worker=1)
-            runs = [("in-trial (default)", one_cpu, "auto", False), ("torchtrainer", one_cpu, "torchtrainer", False),
-                    ("DDP 2 workers", ddp, "auto", False)]
-            if args.what_if:
-                runs += [("torchtrainer, concurrency honoured (what-if)", one_cpu, "torchtrainer", True),
-                         ("DDP 2 workers, concurrency honoured (what-if)", ddp, "auto", True)]
+            runs = [("in-trial (default)", one_cpu, "auto"), ("torchtrainer", one_cpu, "torchtrainer"),
+                    ("DDP 2 workers", ddp, "auto")]
             results["overhead"] = [
-                sweep_overhead(label, resources, runner, subset, scratch, args.trials, args.epochs, cores, honour)
-                for label, resources, runner, honour in runs]
+                sweep_overhead(label, resources, runner, subset, scratch, args.trials, args.epochs, cores)
+                for label, resources, runner in runs]
             print(json.dumps([{k: v for k, v in s.items() if k != "per_trial"} for s in results["overhead"]]), flush=True)
         results["placement_and_memory"] = placement_and_memory(splits, scratch, cluster)
         print(json.dumps(results["placement_and_memory"]), flush=True)
@@ -784,10 +755,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="cap on blitz training seconds (None: what is left of --time-budget, at least 60)")
     parser.add_argument("--time-budget", type=float, default=570, help="seconds the default run aims to finish in")
     parser.add_argument("--evals-per-epoch", type=int, default=2, help="blitz val evaluations per epoch")
-    parser.add_argument("--what-if", action="store_true",
-                        help="also time TorchTrainer and DDP sweeps with the concurrency limit honoured (~2 min)")
     parser.add_argument("--train-health-check-s", type=float, default=None,
-                        help="what-if: RAY_TRAIN_HEALTH_CHECK_INTERVAL_S for the whole run (Ray's default: 2 s)")
+                        help="what-if: RAY_TRAIN_HEALTH_CHECK_INTERVAL_S for the whole run (the product's default: 0.2 s)")
     parser.add_argument("--sweep", action="store_true", help="also run the default sweep (65%% val in 10 min?), ~10 min")
     parser.add_argument("--sweep-acc", type=float, default=0.65, help="val accuracy the default sweep should reach")
     parser.add_argument("--skip-overhead", action="store_true", help="skip the three overhead sweeps")
