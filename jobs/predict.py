@@ -70,7 +70,8 @@ def predict_images(paths, model_uri: str = DEFAULT_MODEL, top_k: int = DEFAULT_T
         if not os.path.isfile(path):
             what = "is a directory" if os.path.isdir(path) else "does not exist"
             raise UsageError(f"image {path} {what}: pass paths of image files")
-    pixels = np.stack([decode_image(path) for path in paths])  # (N, 3, 32, 32) uint8; DataError if corrupt
+    decoded = np.stack([decode_image(path) for path in paths])  # (N, 32, 32, 3) uint8; DataError if corrupt
+    pixels = np.ascontiguousarray(decoded.transpose(0, 3, 1, 2))  # the model takes (N, 3, 32, 32)
 
     model, classes = load_classifier(model_uri, TrackingConfig(tracking_uri=tracking_uri).resolved_uri())
     probabilities = class_probabilities(model, pixels)  # (N, C)

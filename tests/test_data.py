@@ -10,7 +10,7 @@ from trainables.data import DataError, load_splits, stratified_split, synthetic_
 
 
 def check_arrays(images, labels):
-    assert images.dtype == np.uint8 and images.ndim == 4 and images.shape[1:] == (3, 32, 32)
+    assert images.dtype == np.uint8 and images.ndim == 4 and images.shape[1:] == (32, 32, 3)
     assert labels.dtype == np.int64 and labels.shape == (len(images),)
 
 
@@ -75,10 +75,10 @@ def test_decode_cache_is_reused_and_invalidated(tmp_path, monkeypatch):
 
 def test_cifar10_reads_its_uint8_cache_without_downloading(tmp_path, monkeypatch):
     rng = np.random.default_rng(0)
-    np.savez(tmp_path / "cifar10-uint8.npz",
-             train_images=rng.integers(0, 255, (100, 3, 32, 32), dtype=np.uint8),
+    np.savez(tmp_path / "cifar10-uint8-nhwc.npz",
+             train_images=rng.integers(0, 255, (100, 32, 32, 3), dtype=np.uint8),
              train_labels=np.arange(100) % 10,
-             test_images=rng.integers(0, 255, (20, 3, 32, 32), dtype=np.uint8),
+             test_images=rng.integers(0, 255, (20, 32, 32, 3), dtype=np.uint8),
              test_labels=np.arange(20) % 10)
 
     def no_download(*args, **kwargs):

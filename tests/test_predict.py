@@ -23,7 +23,7 @@ def champion(ray_runtime, tmp_path_factory):
 
 
 def to_pil(pixels: np.ndarray) -> Image.Image:
-    return Image.fromarray(pixels.transpose(1, 2, 0), "RGB")  # (3, H, W) -> (H, W, 3)
+    return Image.fromarray(pixels, "RGB")  # (H, W, 3), as the product stores images
 
 
 def test_any_size_and_mode_gives_a_probability_per_class(champion, tmp_path):

@@ -6,6 +6,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from trainables.data import as_nchw
 from trainables.loop import normalise
 from trainables.model import LeNet
 
@@ -43,7 +44,8 @@ def confusion_matrix(model: nn.Module, images: np.ndarray, labels: np.ndarray,
     """
     counts = np.zeros((num_classes, num_classes), dtype=np.int64)
     for start in range(0, len(labels), batch_size):
-        pixels = torch.as_tensor(np.asarray(images[start:start + batch_size]), dtype=torch.float32)
+        # Contiguous NCHW, the layout the exported (pt2) model was traced with.
+        pixels = as_nchw(np.asarray(images[start:start + batch_size])).float().contiguous()
         predicted = model(pixels).argmax(1).numpy()
         np.add.at(counts, (labels[start:start + batch_size], predicted), 1)
     return counts

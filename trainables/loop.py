@@ -13,7 +13,6 @@ import math
 import os
 import tempfile
 import time
-import warnings
 from typing import Callable
 
 import torch
@@ -21,7 +20,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from trainables.config import HyperParams
-from trainables.data import Splits
+from trainables.data import Splits, as_nchw
 from trainables.model import LeNet
 
 # CIFAR-10 channel statistics on the 0..255 scale; batches are normalised on the fly.
@@ -185,10 +184,8 @@ def _unwrap(model):
 
 
 def _as_tensors(images, labels, device):
-    with warnings.catch_warnings():
-        # Arrays from Ray's object store are read-only shared memory; we never write to them.
-        warnings.simplefilter("ignore", UserWarning)
-        return torch.as_tensor(images).to(device), torch.as_tensor(labels).to(device)
+    # No copy on a CPU; .to() keeps the channels-last layout on a GPU.
+    return as_nchw(images).to(device), torch.as_tensor(labels).to(device)
 
 
 def train_loop_per_worker(config: dict) -> None:

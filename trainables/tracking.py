@@ -265,7 +265,7 @@ def log_champion(run_id: str, checkpoint_state: dict, splits: Splits, model_name
     model = serving_model(checkpoint_state)
     confusion = confusion_matrix(model, splits.test_images, splits.test_labels, len(splits.classes))
     summary = summarize(confusion, splits.classes)
-    example = np.asarray(splits.test_images[:4], dtype=np.float32)
+    example = np.ascontiguousarray(splits.test_images[:4].transpose(0, 3, 1, 2), dtype=np.float32)  # NCHW pixels
     with torch.no_grad():
         example_logits = model(torch.as_tensor(example)).numpy()
     with mlflow.start_run(run_id=run_id):
