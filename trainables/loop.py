@@ -9,8 +9,10 @@ serves Ray Train workers (`train_loop_per_worker`) and tests alike. Only
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import math
 import os
+import sys
 import tempfile
 import time
 from typing import Callable
@@ -99,7 +101,7 @@ def train_epoch(model, optimizer, images, labels, hp: HyperParams, epoch: int,
 
 
 @torch.no_grad()
-def evaluate(model, images, labels, batch_size: int = 1000) -> dict:
+def evaluate(model, images, labels, batch_size: int = 250) -> dict:
     """Sums over the given images: {'loss_sum', 'correct', 'count'} (add across workers, then divide)."""
     model.eval()
     loss_sum = torch.zeros((), device=images.device)
@@ -156,6 +158,7 @@ def fit(hp: HyperParams, splits: Splits, device: torch.device, report: ReportFn,
             report({"epoch": epoch, "train_loss": train_loss, "val_acc": 0.0, "diverged": 1}, None)
             return
         sums = _all_reduce_sums(evaluate(model, val_x, val_y))
+        release_freed_memory()
         images_seen = (len(train_y) // world_size // per_worker_batch) * per_worker_batch * world_size
         metrics = {
             "epoch": epoch,
@@ -172,6 +175,14 @@ def fit(hp: HyperParams, splits: Splits, device: torch.device, report: ReportFn,
                             "epoch": epoch, "hparams": hp.model_dump(), "classes": list(splits.classes),
                             "metrics": metrics}, os.path.join(checkpoint_dir, CHECKPOINT_FILE))
             report(metrics, checkpoint_dir if rank == 0 else None)
+
+
+def release_freed_memory() -> None:
+    """Give the OS back what this epoch freed: glibc keeps freed heap for reuse, and with one
+    process per concurrent trial that is resident memory every trial holds (30-65 MB measured)."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def load_checkpoint(checkpoint_dir: str, device: torch.device | str = "cpu") -> dict:
