@@ -245,7 +245,8 @@ def make_tuner(trainable, space, sweep, base, resources, cluster, storage, logge
         param_space=space,
         tune_config=tune.TuneConfig(
             metric=BEST_METRIC, mode="max", num_samples=sweep.num_samples,
-            max_concurrent_trials=concurrency,
+            # Random search carries the limit itself (make_search); Tune would warn and ignore it here.
+            max_concurrent_trials=concurrency if sweep.search != "random" else None,
             scheduler=make_scheduler(sweep, base.epochs), search_alg=make_search(sweep, concurrency),
             trial_name_creator=trial_name, trial_dirname_creator=trial_name,
         ),

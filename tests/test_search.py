@@ -51,3 +51,9 @@ def test_optuna_proposes_valid_trials():
 def test_trial_hparams_keep_the_base_for_unsampled_fields():
     hp = trial_hparams(HyperParams(epochs=7, weight_decay=0.01), {"lr": 0.1, "geometry": "2:1"})
     assert (hp.lr, hp.dilation, hp.padding, hp.epochs, hp.weight_decay) == (0.1, 2, 1, 7, 0.01)
+
+
+def test_random_search_carries_the_concurrency_limit():
+    """Tune ignores TuneConfig.max_concurrent_trials for random search: the generator must hold it,
+    or every TorchTrainer trial's driver (which holds no CPU) would start at once."""
+    assert make_search(SweepConfig(), concurrency=2).max_concurrent == 2
