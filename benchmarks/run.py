@@ -31,7 +31,6 @@ import re
 import shutil
 import sys
 import tempfile
-import threading
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -46,6 +45,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from benchmarks.baselines import blitz_accuracy, blitz_transform, other_cpu_load, plain_loop, torch_threads
+from benchmarks.memory import TrialMemorySampler  # peaks of USS, RSS, private dirty and PSS per trial
 from trainables.config import DataConfig, HyperParams, Resources, SweepConfig, TrackingConfig
 from trainables.data import as_nchw, decode_image, load_imagefolder, load_splits, stratified_split
 from trainables.loop import train_epoch
@@ -421,45 +421,6 @@ def probe_trial(config: dict, **bound) -> None:
     splits = ray.get(bound["data_refs"][0])
     tune.report({"epoch": 10**6, "torch_threads": torch.get_num_threads(),
                  "data_writeable": int(splits.train_images.flags.writeable)})
-
-
-class TrialMemorySampler(threading.Thread):
-    """Every `interval_s`: USS and RSS of each live trial actor, and the object store's bytes in use.
-
-    USS is memory only that process holds; the object store's pages are shared, so
-    they appear in RSS (once touched) but not in USS.
-    """
-
-    def __init__(self, interval_s: float = 0.5):
-        super().__init__(daemon=True)
-        self.interval_s, self.samples, self.halt = interval_s, [], threading.Event()
-
-    def run(self):
-        from ray._private.internal_api import get_memory_info_reply, get_state_from_address
-        from ray.util.state import list_actors
-
-        state = get_state_from_address(ray.get_runtime_context().gcs_address)
-        while not self.halt.wait(self.interval_s):
-            try:
-                actors = list_actors(filters=[("state", "=", "ALIVE")], timeout=5)
-                store = get_memory_info_reply(state).store_stats.object_store_bytes_used
-            except Exception:  # the state API times out on a starved machine: skip the sample
-                continue
-            processes = {}
-            for actor in actors:
-                if "ImplicitFunc" in actor.class_name:  # a Tune function trial
-                    with contextlib.suppress(psutil.Error):
-                        memory = psutil.Process(actor.pid).memory_full_info()
-                        processes[actor.pid] = (memory.rss, memory.uss)
-            self.samples.append({"processes": processes, "object_store_bytes": store})
-
-    def peak(self, trials: int) -> dict:
-        full = [s for s in self.samples if len(s["processes"]) == trials] or [{"processes": {}, "object_store_bytes": 0}]
-        return {"samples": len(full),
-                "uss_sum_mb": max(sum(uss for _, uss in s["processes"].values()) for s in full) / MB,
-                "uss_max_mb": max((uss for s in full for _, uss in s["processes"].values()), default=0) / MB,
-                "rss_max_mb": max((rss for s in full for rss, _ in s["processes"].values()), default=0) / MB,
-                "object_store_mb": max(s["object_store_bytes"] for s in full) / MB}
 
 
 def worker_floor(data_ref, threads: int = 1) -> dict:
