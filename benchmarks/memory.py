@@ -15,17 +15,18 @@ It starts Ray inside the process (jobs.runtime.connect_ray: loopback only, token
 (b) the product's real trial (`trainables.trial.trial_driver`, in-trial path, 1 epoch on the full
     data): peak USS summed over the trial processes and the object store's bytes in use, for
     1 trial of 2 CPUs and then 2 concurrent trials of 1 CPU;
-(c) extra_trial_mb = (2x1 USS sum - 1x2 USS sum) + (2x1 object store - 1x2 object store), the
-    figure target 5 bounds (and run.py reports), and where one trial process's private memory
-    lies, by mapping (/proc/PID/smaps: [heap], [anon], each library's file-backed pages and its .bss).
+(c) extra_trial_private_dirty_mb = (2x1 private dirty sum - 1x2 private dirty sum) + (2x1 object
+    store - 1x2 object store), the figure target 5 bounds, beside the same on USS (extra_trial_mb,
+    run.py's definition) and PSS, and where one trial process's private memory lies, by mapping
+    (/proc/PID/smaps: [heap], [anon], each library's file-backed pages and its .bss).
 
 USS (unique set size) is memory only that process holds: the dataset's pages in the shared
 object store are counted once, in the object store, never in a trial's USS. USS = private
 dirty + private clean, and private clean pages (library code and data only one process has
 touched so far) stop being "unique" once a second trial maps the same files, although they stay
-resident: so the USS difference can understate what a second trial adds. The same difference on
-private dirty memory (extra_trial_private_dirty_mb: heap, anonymous memory, written library data,
-which no other process can share) is printed beside it, and on PSS. Peaks are sampled every 0.5 s,
+resident: so the USS difference can understate what a second trial adds (by ~90 MB of library pages here).
+Private dirty memory (heap, anonymous memory, written library data, which no other process can
+share) has no such blind spot: the target is judged on it. Peaks are sampled every 0.5 s,
 so single runs differ by tens of MB: run it more than once.
 """
 
@@ -378,11 +379,11 @@ def measure(args: argparse.Namespace) -> dict:
     results["extra_trial_uss_mb"] = two["uss_sum_mb"] - one["uss_sum_mb"]
     results["extra_trial_object_store_mb"] = two["object_store_mb"] - one["object_store_mb"]
     results["extra_trial_mb"] = results["extra_trial_uss_mb"] + results["extra_trial_object_store_mb"]
-    results["target_met"] = results["extra_trial_mb"] <= TARGET_EXTRA_TRIAL_MB
     # The same difference on memory no other process can share, and on proportional set size.
     results["extra_trial_private_dirty_mb"] = (two["private_dirty_sum_mb"] - one["private_dirty_sum_mb"]
                                                + results["extra_trial_object_store_mb"])
     results["extra_trial_pss_mb"] = two["pss_sum_mb"] - one["pss_sum_mb"] + results["extra_trial_object_store_mb"]
+    results["target_met"] = results["extra_trial_private_dirty_mb"] <= TARGET_EXTRA_TRIAL_MB
     cpu_end = cpu_ticks()
     results.update(seconds=time.time() - started, load_average_end=list(os.getloadavg()),
                    machine_busy_cores=(cpu_end[0] - cpu_start[0]) / max(cpu_end[1] - cpu_start[1], 1)
@@ -423,10 +424,11 @@ def markdown(runs: list[dict]) -> str:
              row("object store peak: 1x2 / 2x1", [f"{f0(r['shapes']['1x2']['object_store_mb'])} / "
                                                   f"{f0(r['shapes']['2x1']['object_store_mb'])}" for r in runs]),
              row("dataset (arrays)", [f0(r["dataset_mb"]) for r in runs]),
-             row("**extra_trial_mb** (target <= 300)", [f"**{f0(r['extra_trial_mb'])}** "
-                                                        f"({'met' if r['target_met'] else 'not met'})" for r in runs]),
-             row("... same on private dirty / on PSS", [f"{f0(r['extra_trial_private_dirty_mb'])} / "
-                                                        f"{f0(r['extra_trial_pss_mb'])}" for r in runs]),
+             row("**extra trial, private dirty** (target <= 300)", [
+                 f"**{f0(r['extra_trial_private_dirty_mb'])}** ({'met' if r['target_met'] else 'not met'})"
+                 for r in runs]),
+             row("... same on USS / on PSS", [f"{f0(r['extra_trial_mb'])} / {f0(r['extra_trial_pss_mb'])}"
+                                              for r in runs]),
              row("trial process: private dirty, all", [f0(r["shapes"]["2x1"]["mappings"]["private_dirty_mb"]) for r in runs]),
              row("... [heap] + [anon] + [stack]", [f0(r["shapes"]["2x1"]["mappings"]["anonymous_dirty_mb"]) for r in runs]),
              row("... libraries (file pages + .bss)", [f0(r["shapes"]["2x1"]["mappings"]["library_dirty_mb"]) for r in runs]),
