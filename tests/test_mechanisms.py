@@ -8,6 +8,7 @@ timed asserts. Each trial here runs the product's own in-trial path
 from __future__ import annotations
 
 import itertools
+import os
 import sys
 
 import pytest
@@ -120,3 +121,26 @@ def test_a_trial_process_imports_no_tracking_or_reporting_code():
              "print(sorted(m for m in ('mlflow', 'matplotlib', 'jobs.tune', 'trainables.tracking') if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True)
     assert done.stdout.strip() == "[]"
+
+
+def test_images_are_viewed_channels_last_without_a_copy():
+    from trainables.data import as_nchw
+
+    splits = load_splits(DataConfig(source="synthetic", synthetic_train_images=200))
+    view = as_nchw(splits.train_images)
+    assert view.shape == (len(splits.train_labels), 3, 32, 32)
+    assert view.is_contiguous(memory_format=torch.channels_last)  # what oneDNN's convolutions read as is
+    assert view.data_ptr() == splits.train_images.ctypes.data  # the stored array itself, not a copy
+    assert view[torch.tensor([3, 1, 4])].is_contiguous(memory_format=torch.channels_last)  # batches keep it
+
+
+def test_train_controller_polls_fast_unless_the_user_says_otherwise(monkeypatch):
+    from trainables.trainer import HEALTH_CHECK_INTERVAL, build_trainer
+
+    name, value = HEALTH_CHECK_INTERVAL
+    monkeypatch.delenv(name, raising=False)
+    build_trainer(HyperParams(), Resources(), data_ref=None, name="t", storage_path="/tmp/unused")
+    assert os.environ[name] == value == "0.2"
+    monkeypatch.setenv(name, "5")
+    build_trainer(HyperParams(), Resources(), data_ref=None, name="t", storage_path="/tmp/unused")
+    assert os.environ[name] == "5"
