@@ -42,7 +42,7 @@ import json, os, time
 import torch
 
 from trainables.config import DataConfig, HyperParams
-from trainables.data import load_splits
+from trainables.data import as_nchw, load_splits
 from trainables.loop import train_epoch
 from trainables.model import LeNet
 
@@ -51,7 +51,7 @@ config = DataConfig(source=source, synthetic_train_images=int(os.environ["SYNTHE
 splits = load_splits(config)
 device = torch.device("cuda")
 # As `fit` does on CUDA: the whole uint8 training set on the device, batches cut there.
-images = torch.as_tensor(splits.train_images).to(device)
+images = as_nchw(splits.train_images).to(device)  # (N, 3, 32, 32), channels-last, as fit() holds it
 labels = torch.as_tensor(splits.train_labels).to(device)
 results = {"device": torch.cuda.get_device_name(), "train_images": len(labels), "data": source}
 for batch_size in (128, 512):
