@@ -76,7 +76,7 @@ def check_ray_address(address: str, timeout: float = 5) -> None:
     try:
         # Ray's GCS speaks gRPC: it answers HTTP/2's opening with a SETTINGS frame. A port that
         # accepts and stays silent would otherwise hold ray.init for minutes.
-        with socket.create_connection((host, int(port)), timeout=timeout) as probe:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout) as probe:  # [::1]:6379
             probe.sendall(HTTP2_PREFACE)
             answered = probe.recv(9)
         if len(answered) < 4 or answered[3] != 0x04:
