@@ -227,7 +227,10 @@ class TrialLogger(tune.Callback):
             frame = result.metrics_dataframe
             if frame is None or frame.empty or "trial_id" not in frame:
                 continue
-            rows = frame.to_dict("records")
+            # pandas fills a key that a report did not carry with NaN; every report carries train_loss.
+            rows = [{k: v for k, v in row.items()
+                     if k == "train_loss" or not (isinstance(v, float) and math.isnan(v))}
+                    for row in frame.to_dict("records")]
             trial = SimpleNamespace(trial_id=rows[-1]["trial_id"], config=result.config, last_result=rows[-1])
             run_id = self.run_id_for(trial)
             before = len(self.logged_epochs[trial.trial_id])
