@@ -238,9 +238,10 @@ def _answer(url: str, headers: dict | None = None) -> str:
 
 def health(state: dict) -> dict:
     """{'ray': 'healthy' or why not, 'mlflow': ...}; Ray counts as healthy when its Jobs API answers."""
-    return {part: _answer(*{"ray": (f"{state['ray']['dashboard_url']}/api/jobs/", auth_headers()),
-                            "mlflow": (f"{state['mlflow']['tracking_uri']}/health",)}[part])
-            if alive(state[part]["pid"], state[part]["started"]) else "not running" for part in PARTS}
+    probes = {"ray": (f"{state['ray']['dashboard_url']}/api/jobs/", auth_headers()),
+              "mlflow": (f"{state['mlflow']['tracking_uri']}/health", None)}
+    return {part: _answer(*probes[part]) if alive(state[part]["pid"], state[part]["started"]) else "not running"
+            for part in PARTS}
 
 
 def cluster_resources(dashboard_url: str, wait: float = 20) -> dict:
@@ -248,10 +249,10 @@ def cluster_resources(dashboard_url: str, wait: float = 20) -> dict:
 
     The autoscaler publishes these a few seconds after the head starts, hence the wait.
     """
-    deadline = time.monotonic() + wait
+    deadline, headers = time.monotonic() + wait, auth_headers()
     while True:
         try:
-            reply = requests.get(f"{dashboard_url}/api/cluster_status", headers=auth_headers(), timeout=10)
+            reply = requests.get(f"{dashboard_url}/api/cluster_status", headers=headers, timeout=10)
             usage = reply.json()["data"]["clusterStatus"]["loadMetricsReport"]["usage"]
             return {name: total for name, (_, total) in usage.items()
                     if not name.startswith(("node:", "accelerator"))}
