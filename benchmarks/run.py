@@ -528,11 +528,10 @@ def markdown(results: dict) -> str:
         limit = TARGETS["overhead_multi_s" if sweep["workers_per_trial"] > 1 else "overhead_single_s"]
         waiting = (f"; +{sweep['waiting_mean_s']:.1f} s waiting for another trial's workers"
                    if sweep["waiting_mean_s"] >= 0.5 else "")
-        what_if = "what-if" in sweep["runner"]
         rows.append(f"| 2 | per-trial overhead, {sweep['runner']} ({sweep['trials']} trials, {sweep['concurrent_trials']} "
                     f"training at once) | {sweep['overhead_mean_s']:.1f} s (max {sweep['overhead_max_s']:.1f}{waiting}) "
                     f"| - | sweep-level {sweep['amortized_overhead_s']:.1f} s per trial | <= {limit:.0f} s "
-                    f"| {'(info)' if what_if else verdict(sweep['overhead_mean_s'] <= limit)} |")
+                    f"| {verdict(sweep['overhead_mean_s'] <= limit)} |")
     if "time_to_accuracy" in results:
         tta = results["time_to_accuracy"]
         product, blitz = tta["product"], tta["blitz"]
