@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -19,22 +18,14 @@ from pathlib import Path
 
 import pytest
 import requests
+from helpers import LENET_TUNE, LOOPBACK, distinct_free_ports, listening_addresses
 
 from jobs.cluster import alive, port_in_use, process_tree, stop_cluster
 from jobs.cli import main
 from jobs.runtime import free_port
 
-LENET_TUNE = os.path.join(os.path.dirname(sys.executable), "lenet-tune")
 pytestmark = [pytest.mark.timeout(1500),
               pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc for processes and sockets")]
-
-
-def distinct_free_ports(count: int) -> list[int]:
-    ports: list[int] = []
-    while len(ports) < count:
-        if (port := free_port()) not in ports:
-            ports.append(port)
-    return ports
 
 
 class Cluster:
@@ -112,40 +103,10 @@ def mlflow_post(cluster, endpoint: str, body: dict) -> dict:
     return reply.json()
 
 
-def listening_addresses(pids) -> set[str]:
-    """The local addresses ("127.0.0.1", "0.0.0.0", "::"...) of every TCP socket these processes listen on."""
-    inodes = set()
-    for pid in pids:
-        try:
-            fds = os.listdir(f"/proc/{pid}/fd")
-        except OSError:  # gone meanwhile
-            continue
-        for fd in fds:
-            try:
-                link = os.readlink(f"/proc/{pid}/fd/{fd}")
-            except OSError:
-                continue
-            if link.startswith("socket:["):
-                inodes.add(link[8:-1])
-    found = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        for line in Path(table).read_text().splitlines()[1:]:
-            fields = line.split()
-            if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
-                raw = bytes.fromhex(fields[1].split(":")[0])
-                words = [raw[i:i + 4][::-1] for i in range(0, len(raw), 4)]  # /proc writes each 32 bits host-order
-                packed = b"".join(words)
-                found.add(socket.inet_ntop(socket.AF_INET if len(packed) == 4 else socket.AF_INET6, packed))
-    return found
-
-
 def cluster_processes(cluster) -> dict[int, int]:
     state = cluster.state
     return {pid: started for part in ("ray", "mlflow")
             for pid, started in process_tree(state[part]["pid"], state[part]["started"]).items()}
-
-
-LOOPBACK = {"127.0.0.1", "::ffff:127.0.0.1", "::1"}
 
 
 def test_status_reports_both_parts_healthy_on_loopback(cluster):

@@ -25,7 +25,7 @@ from pathlib import Path
 import mlflow
 import pytest
 import requests
-from test_cluster_local import LOOPBACK, listening_addresses
+from helpers import LENET_TUNE, LOOPBACK, distinct_free_ports, listening_addresses
 
 from jobs.cluster import (
     CLUSTER_ENV,
@@ -39,9 +39,7 @@ from jobs.cluster import (
     start_process,
     stop_processes,
 )
-from jobs.runtime import free_port
 
-LENET_TUNE = os.path.join(os.path.dirname(sys.executable), "lenet-tune")
 SWEEP, TRIALS, EPOCHS = "node-lost", 3, 5
 pytestmark = [pytest.mark.timeout(600),
               pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc for processes")]
@@ -55,14 +53,6 @@ JOIN_ON_LOOPBACK = ("import sys, types, ray._private.ray_constants as constants;
 # Ports Ray would otherwise fix (dashboard agent 52365, ...) and so share between nodes on one host.
 NODE_PORTS = ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
               "metrics-export-port")
-
-
-def distinct_free_ports(count: int) -> list[int]:
-    ports: list[int] = []
-    while len(ports) < count:
-        if (port := free_port()) not in ports:
-            ports.append(port)
-    return ports
 
 
 def cmdline(pid: int) -> list[str]:
