@@ -127,12 +127,11 @@ def connect(address: str):
                 raise UsageError(f"no Ray dashboard answers at {address} ({type(error).__name__}): start one "
                                  "with `lenet-tune cluster up`, or pass --address / RAY_ADDRESS") from None
         time.sleep(1)
-    _, source = read_token()
     if reply.status_code == 401:
-        raise UsageError(f"the Ray cluster at {address} wants a token (401) and none was found in {source}: "
-                         "set RAY_AUTH_TOKEN or write the cluster's token to ~/.ray/auth_token")
+        raise UsageError(f"the Ray cluster at {address} wants a token (401) and none was found in "
+                         f"{read_token()[1]}: set RAY_AUTH_TOKEN or write the cluster's token to ~/.ray/auth_token")
     if reply.status_code == 403:
-        raise UsageError(f"the Ray cluster at {address} refused the token from {source} (403): "
+        raise UsageError(f"the Ray cluster at {address} refused the token from {read_token()[1]} (403): "
                          "use the token the cluster was started with")
     if not reply.ok:
         raise UsageError(f"{address}/api/version answered {reply.status_code}: is it a Ray dashboard?")
@@ -151,8 +150,8 @@ def submit(client, words: list[str], env: dict, root: Path, local: dict | None) 
         raise UsageError(f"the cluster did not take the job: {str(error).splitlines()[0]}") from None
 
 
-def follow(client, job_id: str) -> str:
-    """Print the job's output as it comes; its final status."""
+def follow(client, job_id: str) -> int:
+    """Print the job's output as it comes, then its final status; 0 if it SUCCEEDED, else 1."""
     printed = 0
 
     async def tail():
@@ -174,8 +173,9 @@ def follow(client, job_id: str) -> str:
     except requests.RequestException as error:
         raise UsageError(f"lost the cluster while following {job_id} ({type(error).__name__}): "
                          f"the job may still run; see `lenet-tune jobs status {job_id}`") from None
-    sys.stdout.write(logs[printed:] if len(logs) > printed else "")
-    return status
+    sys.stdout.write(logs[printed:])
+    print(f"job {job_id} {status}")
+    return 0 if status == "SUCCEEDED" else 1
 
 
 def _job_call(call, job_id: str, address: str):
@@ -231,12 +231,10 @@ def run(args) -> int:
             print(f"follow: lenet-tune jobs logs {job_id} --follow    stop: lenet-tune jobs stop {job_id}")
             return 0
         try:
-            status = follow(client, job_id)
+            return follow(client, job_id)
         except KeyboardInterrupt:
             print(f"\nstopped following; {job_id} keeps running (lenet-tune jobs stop {job_id})", file=sys.stderr)
             return 130
-        print(f"job {job_id} {status}")
-        return 0 if status == "SUCCEEDED" else 1
 
     client = connect(address)
     if args.action == "list":
@@ -251,14 +249,11 @@ def run(args) -> int:
         info = _job_call(client.get_job_info, args.job_id, address)
         print(f"{args.job_id} {info.status.value}" + (f": {info.message}" if info.message else ""))
         return 0 if info.status.value != "FAILED" else 1
+    elif args.action == "logs" and args.follow:
+        _job_call(client.get_job_status, args.job_id, address)  # an unknown id: one line, before the stream
+        return follow(client, args.job_id)
     elif args.action == "logs":
-        if args.follow:
-            _job_call(client.get_job_status, args.job_id, address)
-            status = follow(client, args.job_id)
-            print(f"job {args.job_id} {status}")
-            return 0 if status == "SUCCEEDED" else 1
-        else:
-            sys.stdout.write(_job_call(client.get_job_logs, args.job_id, address))
+        sys.stdout.write(_job_call(client.get_job_logs, args.job_id, address))
     else:
         stopped = _job_call(client.stop_job, args.job_id, address)
         print(f"stop requested for {args.job_id}" if stopped else f"{args.job_id} had already ended")
