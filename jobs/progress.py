@@ -24,11 +24,12 @@ class ProgressLine(tune.Callback):
     the pace seen so far, so with ASHA stopping trials early it is an upper bound.
     """
 
-    def __init__(self, num_samples: int, max_epochs: int, printer=None, table_every_s: float = 30):
+    TABLE_EVERY_S = 30  # seconds between prints of the table of all trials
+
+    def __init__(self, num_samples: int, max_epochs: int, printer=None):
         self.num_samples = num_samples
         self.max_epochs = max_epochs
         self.printer = printer  # None = print; Tune pickles callbacks, and Ray patches print
-        self.table_every_s = table_every_s  # how often the table of all trials is printed
         self.started = time.time()
         self.last_table = 0.0
         self.best = None
@@ -38,7 +39,7 @@ class ProgressLine(tune.Callback):
         if isinstance(value, (int, float)) and not result.get("diverged"):
             self.best = value if self.best is None else max(self.best, value)
         show = self.printer or print
-        if time.time() - self.last_table >= self.table_every_s:
+        if time.time() - self.last_table >= self.TABLE_EVERY_S:
             self.last_table = time.time()
             show(self.table(trials), flush=True)
         show(self.line(trials, trial, result), flush=True)
