@@ -7,7 +7,6 @@ With a tracking server (MLFLOW_TRACKING_URI=http://...), open that server instea
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -31,6 +30,6 @@ def serve_ui(tracking_uri: str, host: str, port: int) -> int:
         return 0
     print(f"MLflow UI for {tracking_uri} at http://{host}:{port} (Ctrl-C to stop)", flush=True)
     try:
-        return subprocess.call(ui_command(tracking_uri, host, port), env=os.environ.copy())
+        return subprocess.call(ui_command(tracking_uri, host, port))
     except KeyboardInterrupt:
         return 0
