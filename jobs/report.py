@@ -52,19 +52,20 @@ def build_report(trials: pd.DataFrame, curves: dict[str, pd.DataFrame], confusio
     ranked = ranked.reset_index(drop=True)
     ranked.to_csv(out_dir / "trials.csv", index=False)
     confusion = np.asarray(confusion, dtype=np.int64)
+    summary = summarize(confusion, classes)
     plt = pyplot()
     figures = {
         "parallel_coordinates.png": plot_parallel_coordinates(ranked),
         "learning_curves.png": plot_learning_curves(ranked, curves),
         "early_stopping.png": plot_early_stopping(ranked, max_epochs),
         "confusion_matrix.png": plot_confusion(confusion, classes),
-        "per_class_accuracy.png": plot_per_class(confusion, classes),
+        "per_class_accuracy.png": plot_per_class(summary, classes),
     }
     for name, figure in figures.items():
         figure.savefig(out_dir / name, dpi=100)
         plt.close(figure)
     index = out_dir / "index.html"
-    index.write_text(render_index(ranked, confusion, classes, max_epochs), encoding="utf-8")
+    index.write_text(render_index(ranked, summary["test_acc"], int(confusion.sum()), max_epochs), encoding="utf-8")
     return index
 
 
@@ -221,9 +222,9 @@ def plot_early_stopping(ranked: pd.DataFrame, max_epochs: int):
     return figure
 
 
-def plot_per_class(confusion: np.ndarray, classes: list[str]):
+def plot_per_class(summary: dict, classes: list[str]):
+    """summary: trainables.evaluation.summarize of the best model's confusion matrix."""
     plt = pyplot()
-    summary = summarize(confusion, classes)
     figure, axes = plt.subplots(figsize=(8, 4))
     axes.bar(list(classes), [summary["per_class_acc"][c] for c in classes], color="tab:blue")
     axes.axhline(summary["test_acc"], color="black", linestyle="--", label=f"overall {summary['test_acc']:.3f}")
@@ -235,7 +236,7 @@ def plot_per_class(confusion: np.ndarray, classes: list[str]):
     return figure
 
 
-def render_index(ranked: pd.DataFrame, confusion: np.ndarray, classes: list[str], max_epochs: int) -> str:
+def render_index(ranked: pd.DataFrame, test_acc: float, test_images: int, max_epochs: int) -> str:
     """index.html: a summary, every plot inline, and the table; relative links only, nothing fetched."""
     esc = html.escape
     outcomes = [trial_outcome(trial, max_epochs) for _, trial in ranked.iterrows()]
@@ -247,7 +248,6 @@ def render_index(ranked: pd.DataFrame, confusion: np.ndarray, classes: list[str]
                      f"<b>{best['best_val_acc']:.4f}</b> after {int(best['epochs_run'])} epochs, with {esc(params)}.</p>")
     else:
         best_line = "<p>No trial finished an epoch without diverging.</p>"
-    test_acc = summarize(confusion, classes)["test_acc"]
     counts = ", ".join(f"{outcomes.count(o)} {o}" for o in OUTCOME_COLOURS if outcomes.count(o))
     figures = "\n".join(
         f'<figure><a href="{name}"><img src="{name}" alt="{esc(caption)}"></a>'
@@ -265,7 +265,7 @@ th, td {{ padding: 0.2em 0.6em; border-bottom: 1px solid #ddd; text-align: right
 <h1>Sweep report</h1>
 {best_line}
 <p>{len(ranked)} trials ({esc(counts)}) of at most {max_epochs} epochs.
-Best model's test accuracy {test_acc:.4f} over {int(confusion.sum())} test images.</p>
+Best model's test accuracy {test_acc:.4f} over {test_images} test images.</p>
 <p>Results table: <a href="trials.csv">trials.csv</a></p>
 {figures}
 <h2>All trials</h2>
