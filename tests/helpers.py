@@ -59,11 +59,11 @@ def runs_of(uri: str, sweep: str):
     return client, client.search_runs([experiment.experiment_id], f"tags.sweep = '{sweep}'")
 
 
-def parents(runs):
+def parent_runs(runs):
     return [r for r in runs if "trial_id" not in r.data.tags]
 
 
-def children(runs):
+def trial_runs(runs):
     return [r for r in runs if "trial_id" in r.data.tags]
 
 

@@ -6,7 +6,6 @@ metric point per epoch, finished trials never run again.
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -14,10 +13,10 @@ import time
 
 import mlflow
 import pytest
+from helpers import LENET_TUNE, parent_runs, runs_of, steps, trial_runs
 
 from jobs.cli import main
-
-LENET_TUNE = os.path.join(os.path.dirname(sys.executable), "lenet-tune")
+from jobs.runtime import free_port
 
 
 def write_config(folder, images: int) -> str:
@@ -26,28 +25,6 @@ def write_config(folder, images: int) -> str:
     path.write_text(f"data: {{source: synthetic, synthetic_train_images: {images}}}\n"
                     "space: {batch_sizes: [64]}\n")
     return str(path)
-
-
-def runs_of(uri, sweep):
-    client = mlflow.MlflowClient(uri)
-    experiment = client.get_experiment_by_name("lenet-cifar10")
-    if experiment is None:
-        return client, []
-    return client, client.search_runs([experiment.experiment_id], f"tags.sweep = '{sweep}'")
-
-
-def children(runs):
-    return [r for r in runs if "trial_id" in r.data.tags]
-
-
-def steps(client, run, key="val_acc"):
-    return [m.step for m in client.get_metric_history(run.info.run_id, key)]
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def test_killed_training_worker_resumes_with_one_point_per_epoch(ray_runtime, tmp_path):
@@ -60,7 +37,7 @@ def test_killed_training_worker_resumes_with_one_point_per_epoch(ray_runtime, tm
         deadline = time.time() + 300
         while time.time() < deadline:
             client, runs = runs_of(uri, "kill-worker")
-            logged = steps(client, children(runs)[0]) if children(runs) else []
+            logged = steps(client, trial_runs(runs)[0]) if trial_runs(runs) else []
             workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
             if len(logged) >= 2 and workers:
                 killed["epochs_logged"] = len(logged)
@@ -106,7 +83,7 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(ray_runtime
         finished = []
         while time.time() < deadline and driver.poll() is None:
             client, runs = runs_of(uri, name)
-            finished = [r for r in children(runs) if r.info.status == "FINISHED"]
+            finished = [r for r in trial_runs(runs) if r.info.status == "FINISHED"]
             if finished:
                 break
             time.sleep(0.5)
@@ -129,9 +106,9 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(ray_runtime
                              capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     client, runs = runs_of(uri, name)
-    parents = [r for r in runs if "trial_id" not in r.data.tags]
+    parents = parent_runs(runs)
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"  # the same parent, continued
-    kids = children(runs)
+    kids = trial_runs(runs)
     assert len(kids) == 4 and len({k.data.tags["trial_id"] for k in kids}) == 4
     for kid in kids:
         assert steps(client, kid) == [1, 2, 3, 4], kid.data.tags["trial_id"]
@@ -148,14 +125,14 @@ def test_diverging_trial_is_marked_and_never_champion(ray_runtime, tmp_path, cap
                  "--storage-path", str(tmp_path / "results")])
     assert code == 0, capsys.readouterr().err
     client, runs = runs_of(uri, "diverge")
-    kids = children(runs)
+    kids = trial_runs(runs)
     diverged = [k for k in kids if k.data.tags["diverged"] == "true"]
     healthy = [k for k in kids if k.data.tags["diverged"] == "false"]
     assert diverged and healthy, "pick a seed that samples both kinds of learning rate"
     for kid in diverged:
         assert kid.info.status == "FINISHED" and steps(client, kid) == [1]  # stopped at once, not retried
         assert float(kid.data.params["lr"]) > 1
-    parent = [r for r in runs if "trial_id" not in r.data.tags][0]
+    parent = parent_runs(runs)[0]
     assert parent.data.tags["best_run_id"] in {k.info.run_id for k in healthy}
 
 
@@ -216,7 +193,7 @@ def test_tracking_server_dying_mid_sweep_loses_no_result(ray_runtime, tmp_path):
         deadline = time.time() + 300
         while time.time() < deadline and driver.poll() is None:
             client, runs = runs_of(uri, "outage")
-            if any(steps(client, kid) for kid in children(runs)):
+            if any(steps(client, kid) for kid in trial_runs(runs)):
                 break
             time.sleep(0.5)
         stop(server)  # the tracking server dies mid-sweep
@@ -237,11 +214,11 @@ def test_tracking_server_dying_mid_sweep_loses_no_result(ray_runtime, tmp_path):
                                  capture_output=True, text=True, timeout=600)
         assert resumed.returncode == 0, resumed.stderr[-3000:]
         client, runs = runs_of(uri, "outage")
-        parents = [r for r in runs if "trial_id" not in r.data.tags]
+        parents = parent_runs(runs)
         assert len(parents) == 1 and parents[0].info.status == "FINISHED"
         assert client.get_model_version_by_alias("lenet-cifar10", "champion")
         assert "epoch(s) that MLflow had missed" in resumed.stdout
-        for kid in children(runs):  # logged before the outage or back-filled from Ray's results, once
+        for kid in trial_runs(runs):  # logged before the outage or back-filled from Ray's results, once
             assert steps(client, kid) == [1, 2, 3, 4], kid.data.tags["trial_id"]
             assert kid.info.status == "FINISHED"
     finally:
@@ -265,6 +242,6 @@ def test_planted_secrets_never_reach_mlflow_or_the_output(ray_runtime, tmp_path,
     client, runs = runs_of(uri, "secret")
     for run in runs:
         assert secret not in repr(run.data.params) + repr(run.data.tags)
-    parent = [r for r in runs if "trial_id" not in r.data.tags][0]
+    parent = parent_runs(runs)[0]
     config = mlflow.artifacts.load_text(f"{parent.info.artifact_uri}/sweep-config.yaml")
     assert secret not in config

@@ -22,10 +22,10 @@ import sys
 import time
 from pathlib import Path
 
-import mlflow
 import pytest
 import requests
-from helpers import LENET_TUNE, LOOPBACK, distinct_free_ports, listening_addresses
+from helpers import (LENET_TUNE, LOOPBACK, distinct_free_ports, listening_addresses, parent_runs, runs_of, steps,
+                     trial_runs)
 
 from jobs.cluster import (
     CLUSTER_ENV,
@@ -225,22 +225,12 @@ def reported(results: Path) -> dict[str, list[dict]]:
     return found
 
 
-def runs_of(uri: str):
-    client = mlflow.MlflowClient(uri)
-    experiment = client.get_experiment_by_name("lenet-cifar10")
-    return client, (client.search_runs([experiment.experiment_id], f"tags.sweep = '{SWEEP}'") if experiment else [])
-
-
-def val_acc_steps(client, run) -> list[int]:
-    return [m.step for m in client.get_metric_history(run.info.run_id, "val_acc")]
-
-
 def pick_victim(cluster: NodeCluster, results: Path) -> tuple[str, str, int] | None:
     """(worker name, trial id, trial pid) of a trial mid-run on a worker node, with an epoch in MLflow."""
     actors = {a["pid"]: a for a in cluster.ray_get("actors", filter_keys="state", filter_predicates="=",
                                                      filter_values="ALIVE")}
-    client, runs = runs_of(cluster.tracking_uri)
-    in_mlflow = {r.data.tags.get("trial_id"): val_acc_steps(client, r) for r in runs if "trial_id" in r.data.tags}
+    client, runs = runs_of(cluster.tracking_uri, SWEEP)
+    in_mlflow = {r.data.tags["trial_id"]: steps(client, r) for r in trial_runs(runs)}
     for trial_id, rows in reported(results).items():
         pid, epoch = rows[-1]["pid"], rows[-1]["epoch"]
         if not (in_mlflow.get(trial_id) and epoch <= EPOCHS - 2 and pid in actors):
@@ -312,15 +302,14 @@ def test_sweep_survives_losing_a_node(cluster, tmp_path, how):
     wait_until_dead(cluster, lost_node, lost_at)
 
     # MLflow: the sweep's parent finished, one finished child per trial, one point per epoch.
-    client, runs = runs_of(cluster.tracking_uri)
-    parents = [r for r in runs if "trial_id" not in r.data.tags]
-    kids = [r for r in runs if "trial_id" in r.data.tags]
+    client, runs = runs_of(cluster.tracking_uri, SWEEP)
+    parents, kids = parent_runs(runs), trial_runs(runs)
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     assert len(kids) == TRIALS and len({k.data.tags["trial_id"] for k in kids}) == TRIALS
     assert trial_id in {k.data.tags["trial_id"] for k in kids}
     for kid in kids:
         assert kid.info.status == "FINISHED", kid.data.tags["trial_id"]
-        assert val_acc_steps(client, kid) == list(range(1, EPOCHS + 1)), kid.data.tags["trial_id"]
+        assert steps(client, kid) == list(range(1, EPOCHS + 1)), kid.data.tags["trial_id"]
         assert kid.data.tags["epochs_run"] == str(EPOCHS)
 
     # Ray: the lost trial reported its first epochs from the lost node, then carried on from its

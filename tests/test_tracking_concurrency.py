@@ -11,8 +11,8 @@ import subprocess
 import sys
 import time
 
-import mlflow
 import pytest
+from helpers import parent_runs, runs_of, steps, trial_runs
 
 from trainables.tracking import EPOCH_METRICS
 
@@ -50,15 +50,11 @@ def watch_store(driver, folder, name, uri, deadline):
     # race the driver's own schema creation.
     while driver.poll() is None and not (folder / "results" / name).exists() and time.time() < deadline:
         time.sleep(0.5)
-    client = mlflow.MlflowClient(uri)
     most = 0
     while driver.poll() is None and time.time() < deadline:
-        experiment = client.get_experiment_by_name("lenet-cifar10")
-        if experiment:
-            runs = client.search_runs([experiment.experiment_id], f"tags.sweep = '{name}'")
-            live = [r for r in runs if "trial_id" in r.data.tags and r.info.status == "RUNNING"
-                    and "val_acc" in r.data.metrics]
-            most = max(most, len(live))
+        _, runs = runs_of(uri, name)
+        live = [r for r in trial_runs(runs) if r.info.status == "RUNNING" and "val_acc" in r.data.metrics]
+        most = max(most, len(live))
         time.sleep(1)
     return most
 
@@ -83,12 +79,10 @@ def test_eight_concurrent_trials_lose_no_point_and_never_lock_the_store(tmp_path
     assert "OperationalError" not in output, output[-4000:]
     assert "warning: MLflow at" not in output, output[-4000:]
 
-    client = mlflow.MlflowClient(uri)
-    experiment = client.get_experiment_by_name("lenet-cifar10")
-    runs = client.search_runs([experiment.experiment_id], f"tags.sweep = '{name}'")
-    parents = [r for r in runs if "trial_id" not in r.data.tags]
+    client, runs = runs_of(uri, name)
+    parents = parent_runs(runs)
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
-    kids = [r for r in runs if "trial_id" in r.data.tags]
+    kids = trial_runs(runs)
     assert len(kids) == TRIALS and len({k.data.tags["trial_id"] for k in kids}) == TRIALS
     assert all(k.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for k in kids)
 
@@ -99,11 +93,11 @@ def test_eight_concurrent_trials_lose_no_point_and_never_lock_the_store(tmp_path
         # Nothing but the per-epoch metrics, start-up once, and the best at the end.
         assert set(kid.data.metrics) == {*EPOCH_METRICS, "startup_seconds", "best_val_acc"}
         for key in EPOCH_METRICS:
-            history = client.get_metric_history(kid.info.run_id, key)
+            logged = steps(client, kid, key)
             # One point per epoch: no step missing, none twice.
-            assert sorted(m.step for m in history) == list(range(1, EPOCHS + 1)), (kid.data.tags["trial_id"], key)
-            points += len(history)
-        assert [m.step for m in client.get_metric_history(kid.info.run_id, "startup_seconds")] == [1]
+            assert sorted(logged) == list(range(1, EPOCHS + 1)), (kid.data.tags["trial_id"], key)
+            points += len(logged)
+        assert steps(client, kid, "startup_seconds") == [1]
         val_acc = {m.step: m.timestamp for m in client.get_metric_history(kid.info.run_id, "val_acc")}
         first_epoch_at.append(val_acc[1])
         last_epoch_at.append(val_acc[EPOCHS])
