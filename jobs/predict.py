@@ -24,7 +24,7 @@ import torch
 
 from jobs.runtime import UsageError
 from trainables.config import TrackingConfig
-from trainables.data import decode_image
+from trainables.data import as_nchw, decode_image
 
 DEFAULT_MODEL = "models:/lenet-cifar10@champion"
 DEFAULT_TOP = 3
@@ -71,7 +71,7 @@ def predict_images(paths, model_uri: str = DEFAULT_MODEL, top_k: int = DEFAULT_T
             what = "is a directory" if os.path.isdir(path) else "does not exist"
             raise UsageError(f"image {path} {what}: pass paths of image files")
     decoded = np.stack([decode_image(path) for path in paths])  # (N, 32, 32, 3) uint8; DataError if corrupt
-    pixels = np.ascontiguousarray(decoded.transpose(0, 3, 1, 2))  # the model takes (N, 3, 32, 32)
+    pixels = as_nchw(decoded)  # the model takes (N, 3, 32, 32)
 
     model, classes = load_classifier(model_uri, TrackingConfig(tracking_uri=tracking_uri).resolved_uri())
     probabilities = class_probabilities(model, pixels)  # (N, C)
@@ -114,10 +114,11 @@ def load_classifier(model_uri: str, tracking_uri: str):
 
 
 @torch.no_grad()
-def class_probabilities(model, pixels: np.ndarray) -> np.ndarray:
+def class_probabilities(model, pixels: torch.Tensor) -> np.ndarray:
     """Softmax over the model's logits for uint8 (N, 3, 32, 32) pixels; (N, C) float64 rows summing to 1."""
     chunks = []
     for start in range(0, len(pixels), BATCH_SIZE):
-        batch = torch.as_tensor(pixels[start:start + BATCH_SIZE], dtype=torch.float32)  # (B, 3, 32, 32), 0..255
+        # Contiguous NCHW, the layout the exported (pt2) model was traced with.
+        batch = pixels[start:start + BATCH_SIZE].float().contiguous()  # (B, 3, 32, 32), 0..255
         chunks.append(torch.softmax(model(batch).double(), dim=1).numpy())  # (B, C)
     return np.concatenate(chunks)
