@@ -16,7 +16,7 @@ import sys
 
 from pydantic import ValidationError
 
-from jobs.runtime import UsageError
+from jobs.runtime import SweepInterrupted, UsageError, opt_out_of_telemetry
 from trainables.config import (DataConfig, HyperParams, Resources, SearchSpace, SweepConfig, TrackingConfig,
                                 redact)
 from trainables.data import DataError
@@ -268,12 +268,8 @@ def print_summary(outcome, tracking) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from jobs.runtime import opt_out_of_telemetry
-
     opt_out_of_telemetry()
     args = build_parser().parse_args(argv)
-    from jobs.tune import SweepInterrupted
-
     try:
         return run_command(args)
     except SweepInterrupted as interrupted:

@@ -12,6 +12,14 @@ class UsageError(ValueError):
     """A user's mistake: printed as one line naming the value and the fix, exit status 2."""
 
 
+class SweepInterrupted(Exception):
+    """The sweep stopped short (Ctrl-C, or MLflow lost at the end); `--resume NAME` finishes it."""
+
+    def __init__(self, message: str, exit_code: int = 130):  # 130: the shell's code for Ctrl-C
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
 def opt_out_of_telemetry() -> None:
     """No usage reports from Ray or MLflow: a sweep talks only to its own cluster and tracking store."""
     for name, value in (("RAY_USAGE_STATS_ENABLED", "0"), ("MLFLOW_DISABLE_TELEMETRY", "true"),

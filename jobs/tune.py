@@ -32,8 +32,8 @@ from ray.tune.search import BasicVariantGenerator
 
 from jobs.progress import ProgressLine
 from jobs.report import build_report, tables_from_results
-from jobs.runtime import (UsageError, check_fits, check_multinode, check_ray_address, connect_ray,
-                          max_concurrent_trials)
+from jobs.runtime import (SweepInterrupted, UsageError, check_fits, check_multinode, check_ray_address,
+                          connect_ray, max_concurrent_trials)
 from trainables import tracking
 from trainables.config import DataConfig, HyperParams, Resources, SearchSpace, SweepConfig, TrackingConfig
 from trainables.data import load_splits
@@ -79,14 +79,6 @@ def param_space(space: SearchSpace) -> dict:
         "augment": tune.choice(list(space.augments)),
         "geometry": tune.choice(geometry_choices(space)),
     }
-
-
-class SweepInterrupted(Exception):
-    """The sweep stopped short (Ctrl-C, or MLflow lost at the end); `--resume NAME` finishes it."""
-
-    def __init__(self, message: str, exit_code: int = 130):  # 130: the shell's code for Ctrl-C
-        super().__init__(message)
-        self.exit_code = exit_code
 
 
 @dataclass
