@@ -168,11 +168,24 @@ def after_malloc_trim() -> dict:
     return rollup()
 
 
+def send_code_by_value() -> None:
+    """Ray workers cannot import benchmarks/: make Ray pickle this module's functions with their code."""
+    if __name__ != "__main__":  # __main__'s functions always travel by value
+        from ray import cloudpickle
+
+        cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+def dataset_mb(splits) -> float:
+    """MB of every array in a trainables.data.Splits."""
+    return sum(a.nbytes for a in vars(splits).values() if hasattr(a, "nbytes")) / MB
+
+
 # ---------------------------------------------------------------- (a) a fresh worker's floor
 
 
 def worker_floor(data_ref, threads: int = 1) -> dict:
-    """USS of a fresh Ray worker: bare, after `import torch`, after one epoch of `fit` (as run.py's)."""
+    """USS of a fresh Ray worker: bare, after `import torch`, after one epoch of `fit`."""
     import ray
 
     def measure(refs: list) -> dict:
@@ -188,10 +201,12 @@ def worker_floor(data_ref, threads: int = 1) -> dict:
         fit(HyperParams(epochs=1), ray.get(refs[0]), torch.device("cpu"), lambda metrics, checkpoint: None)
         after = rollup()
         mappings = summarise_mappings(private_memory_by_mapping())
-        return {"after_malloc_trim": after_malloc_trim(), "after_epoch_mappings": mappings,"bare_mb": bare["uss"], "torch_imported_mb": imported["uss"], "after_epoch_mb": after["uss"],
+        return {"bare_mb": bare["uss"], "torch_imported_mb": imported["uss"], "after_epoch_mb": after["uss"],
                 "bare": bare, "torch_imported": imported, "after_epoch": after,
-                "torch_imported_mappings": imported_map}
+                "torch_imported_mappings": imported_map, "after_epoch_mappings": mappings,
+                "after_malloc_trim": after_malloc_trim()}
 
+    send_code_by_value()
     # A runtime_env of its own makes Ray start a new process rather than reuse one.
     remote = ray.remote(num_cpus=threads, runtime_env={"env_vars": {"LENET_MEMORY_FRESH_WORKER": "1"}})(measure)
     return ray.get(remote.remote([data_ref]))
@@ -201,7 +216,8 @@ def worker_floor(data_ref, threads: int = 1) -> dict:
 
 
 def measured_trial(config: dict, **bound) -> None:
-    """The product's trial function, then where its process's private memory lies."""
+    """The product's trial function, then what its process saw (threads, data) and where its private memory lies."""
+    import ray
     import torch
     from ray import tune
 
@@ -209,31 +225,28 @@ def measured_trial(config: dict, **bound) -> None:
 
     trial_driver(config, **bound)
     at_end, mappings = rollup(), summarise_mappings(private_memory_by_mapping())
+    splits = ray.get(bound["data_refs"][0])
     tune.report({"epoch": 10**6, "pid": os.getpid(), "torch_threads": torch.get_num_threads(),
+                 "data_writeable": int(splits.train_images.flags.writeable),
                  "uss_at_end_mb": at_end["uss"], "private_dirty_at_end_mb": at_end["private_dirty"],
                  "uss_after_malloc_trim_mb": after_malloc_trim()["uss"], "mappings_json": json.dumps(mappings)})
 
 
 class TrialMemorySampler(threading.Thread):
-    """Every `interval_s`: smaps_rollup of each live Tune function trial, and the object store's bytes.
-
-    As run.py's sampler, with private dirty and PSS beside USS and RSS.
-    """
+    """Every `interval_s`: smaps_rollup of each live Tune function trial, and the object store's bytes."""
 
     def __init__(self, interval_s: float = 0.5):
         super().__init__(daemon=True)
         self.interval_s, self.samples, self.halt = interval_s, [], threading.Event()
 
     def run(self):
-        import ray
-        from ray._private.internal_api import get_memory_info_reply, get_state_from_address
         from ray.util.state import list_actors
 
-        state = get_state_from_address(ray.get_runtime_context().gcs_address)
+        state = gcs_state()
         while not self.halt.wait(self.interval_s):
             try:
                 actors = list_actors(filters=[("state", "=", "ALIVE")], timeout=5)
-                store = get_memory_info_reply(state).store_stats.object_store_bytes_used
+                store = object_store_mb(state)
             except Exception:  # the state API times out on a starved machine: skip the sample
                 continue
             processes = {}
@@ -241,11 +254,11 @@ class TrialMemorySampler(threading.Thread):
                 if "ImplicitFunc" in actor.class_name:  # a Tune function trial
                     with contextlib.suppress(OSError, KeyError):
                         processes[actor.pid] = rollup(actor.pid)
-            self.samples.append({"processes": processes, "object_store_bytes": store})
+            self.samples.append({"processes": processes, "object_store_mb": store})
 
     def peak(self, trials: int) -> dict:
         """Peaks over the samples in which all `trials` processes were alive (sums: the largest sample sum)."""
-        full = [s for s in self.samples if len(s["processes"]) == trials] or [{"processes": {}, "object_store_bytes": 0}]
+        full = [s for s in self.samples if len(s["processes"]) == trials] or [{"processes": {}, "object_store_mb": 0.0}]
 
         def largest_sum(key: str) -> float:
             return max(sum(p[key] for p in s["processes"].values()) for s in full)
@@ -255,25 +268,31 @@ class TrialMemorySampler(threading.Thread):
 
         return {"samples": len(full), "uss_sum_mb": largest_sum("uss"), "uss_max_mb": largest("uss"),
                 "private_dirty_sum_mb": largest_sum("private_dirty"), "pss_sum_mb": largest_sum("pss"),
-                "rss_max_mb": largest("rss"), "object_store_mb": max(s["object_store_bytes"] for s in full) / MB}
+                "rss_max_mb": largest("rss"), "object_store_mb": max(s["object_store_mb"] for s in full)}
 
 
-def object_store_mb() -> float:
+def gcs_state():
+    """A connection to the running Ray cluster's GCS, for object_store_mb (open one and reuse it)."""
     import ray
-    from ray._private.internal_api import get_memory_info_reply, get_state_from_address
+    from ray._private.internal_api import get_state_from_address
 
-    state = get_state_from_address(ray.get_runtime_context().gcs_address)
-    return get_memory_info_reply(state).store_stats.object_store_bytes_used / MB
+    return get_state_from_address(ray.get_runtime_context().gcs_address)
+
+
+def object_store_mb(state=None) -> float:
+    """MB in use in the object store (`state`: from gcs_state(); a new connection when None)."""
+    from ray._private.internal_api import get_memory_info_reply
+
+    return get_memory_info_reply(state or gcs_state()).store_stats.object_store_bytes_used / MB
 
 
 def trials_memory(data_ref, scratch: Path) -> dict:
     """1 trial of 2 CPUs, then 2 concurrent trials of 1 CPU, each 1 epoch of the real trial function."""
-    from ray import cloudpickle, tune
+    from ray import tune
 
     from trainables.config import HyperParams, Resources
 
-    if measured_trial.__module__ != "__main__":  # workers cannot import benchmarks/: send the code itself
-        cloudpickle.register_pickle_by_value(sys.modules[measured_trial.__module__])
+    send_code_by_value()
     shapes = {}
     for trials, cpus in ((1, 2), (2, 1)):
         trainable = tune.with_resources(tune.with_parameters(
@@ -296,11 +315,26 @@ def trials_memory(data_ref, scratch: Path) -> dict:
             "trials": trials, "cpus_per_trial": cpus, "seconds": time.perf_counter() - started,
             "pids": [r.metrics["pid"] for r in results],
             "torch_threads": [r.metrics["torch_threads"] for r in results],
+            "data_writeable": any(r.metrics["data_writeable"] for r in results),
             "uss_at_end_mb": [r.metrics["uss_at_end_mb"] for r in results],
             "private_dirty_at_end_mb": [r.metrics["private_dirty_at_end_mb"] for r in results],
             "uss_after_malloc_trim_mb": [r.metrics["uss_after_malloc_trim_mb"] for r in results],
             "mappings": json.loads(results[0].metrics["mappings_json"]), **sampler.peak(trials)}
     return shapes
+
+
+def extra_trial(shapes: dict) -> dict:
+    """What the second concurrent trial adds: 2 trials x 1 CPU less 1 trial x 2 CPUs, object store included.
+
+    extra_trial_mb is the difference on USS; the same on memory no other process can share
+    (private dirty) and on proportional set size beside it.
+    """
+    one, two = shapes["1x2"], shapes["2x1"]
+    store = two["object_store_mb"] - one["object_store_mb"]
+    uss = two["uss_sum_mb"] - one["uss_sum_mb"]
+    return {"extra_trial_uss_mb": uss, "extra_trial_object_store_mb": store, "extra_trial_mb": uss + store,
+            "extra_trial_private_dirty_mb": two["private_dirty_sum_mb"] - one["private_dirty_sum_mb"] + store,
+            "extra_trial_pss_mb": two["pss_sum_mb"] - one["pss_sum_mb"] + store}
 
 
 # ---------------------------------------------------------------- measurement
@@ -359,7 +393,7 @@ def measure(args: argparse.Namespace) -> dict:
                "load_average_start": list(load_start)}
     print(json.dumps(results), flush=True)
     splits = load_splits(DataConfig(source=f"imagefolder:{args.data}"))
-    results["dataset_mb"] = sum(a.nbytes for a in vars(splits).values() if hasattr(a, "nbytes")) / MB
+    results["dataset_mb"] = dataset_mb(splits)
     results["torchvision_imported_by_driver"] = "torchvision" in sys.modules
 
     scratch = Path(tempfile.mkdtemp(prefix="lenet-memory-"))
@@ -375,14 +409,7 @@ def measure(args: argparse.Namespace) -> dict:
     finally:
         ray.shutdown()
         shutil.rmtree(scratch, ignore_errors=True)
-    one, two = results["shapes"]["1x2"], results["shapes"]["2x1"]
-    results["extra_trial_uss_mb"] = two["uss_sum_mb"] - one["uss_sum_mb"]
-    results["extra_trial_object_store_mb"] = two["object_store_mb"] - one["object_store_mb"]
-    results["extra_trial_mb"] = results["extra_trial_uss_mb"] + results["extra_trial_object_store_mb"]
-    # The same difference on memory no other process can share, and on proportional set size.
-    results["extra_trial_private_dirty_mb"] = (two["private_dirty_sum_mb"] - one["private_dirty_sum_mb"]
-                                               + results["extra_trial_object_store_mb"])
-    results["extra_trial_pss_mb"] = two["pss_sum_mb"] - one["pss_sum_mb"] + results["extra_trial_object_store_mb"]
+    results.update(extra_trial(results["shapes"]))
     results["target_met"] = results["extra_trial_private_dirty_mb"] <= TARGET_EXTRA_TRIAL_MB
     cpu_end = cpu_ticks()
     results.update(seconds=time.time() - started, load_average_end=list(os.getloadavg()),
