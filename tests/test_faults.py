@@ -7,15 +7,16 @@ metric point per epoch, finished trials never run again.
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 
 import mlflow
 import pytest
+import requests
 from helpers import LENET_TUNE, parent_runs, runs_of, steps, trial_runs
 
 from jobs.cli import main
+from jobs.cluster import MLFLOW_ENV, LocalCluster, mlflow_command, start_process, stop_processes
 from jobs.runtime import free_port
 
 
@@ -153,14 +154,10 @@ def test_gpus_on_a_cluster_without_gpus_are_refused_up_front(ray_runtime, workdi
     assert os.listdir(workdir) == []
 
 
-def start_mlflow_server(folder, port):
-    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{folder}/server.db",
-               "--artifacts-destination", str(folder / "artifacts"), "--host", "127.0.0.1",
-               "--port", str(port), "--workers", "1"]
-    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              start_new_session=True)
-    import requests
-
+def start_mlflow_server(folder, port) -> dict:
+    """The MLflow server `lenet-tune cluster up` runs, on port, in its own process group."""
+    server = start_process(mlflow_command(LocalCluster(folder, mlflow_port=port), folder), folder / "mlflow.log",
+                           {**os.environ, **MLFLOW_ENV})
     deadline = time.time() + 120
     while time.time() < deadline:
         try:
@@ -168,18 +165,8 @@ def start_mlflow_server(folder, port):
                 return server
         except requests.RequestException:
             time.sleep(1)
-    os.killpg(server.pid, signal.SIGKILL)
+    stop_processes([server], timeout=10)
     raise RuntimeError("mlflow server did not start")
-
-
-def stop(process):
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
 
 
 @pytest.mark.slow
@@ -196,7 +183,7 @@ def test_tracking_server_dying_mid_sweep_loses_no_result(ray_runtime, tmp_path):
             if any(steps(client, kid) for kid in trial_runs(runs)):
                 break
             time.sleep(0.5)
-        stop(server)  # the tracking server dies mid-sweep
+        stop_processes([server], timeout=40)  # the tracking server dies mid-sweep
         code = driver.wait(timeout=600)
         log = (tmp_path / "outage.log").read_text()
         assert code == 1 and "lenet-tune tune --resume outage" in log
@@ -224,7 +211,7 @@ def test_tracking_server_dying_mid_sweep_loses_no_result(ray_runtime, tmp_path):
     finally:
         if driver is not None and driver.poll() is None:
             os.killpg(driver.pid, signal.SIGKILL)
-        stop(server)
+        stop_processes([server], timeout=40)
 
 
 def test_planted_secrets_never_reach_mlflow_or_the_output(ray_runtime, tmp_path, monkeypatch, capsys):
