@@ -37,8 +37,7 @@ def connect_ray(num_cpus: int | None = None) -> dict:
     if not ray.is_initialized():
         address = os.environ.get("RAY_ADDRESS")
         if address:
-            check_ray_address(address)
-            if address.removeprefix("ray://").rpartition(":")[0] in LOOPBACK_HOSTS:
+            if check_ray_address(address) in LOOPBACK_HOSTS:
                 keep_ray_on_loopback()  # else Ray swaps 127.0.0.1 for this machine's routable address
             try:
                 ray.init(address=address, log_to_driver=True)
@@ -69,10 +68,13 @@ LOOPBACK_HOSTS = ("127.0.0.1", "localhost")
 HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
 
 
-def check_ray_address(address: str, timeout: float = 5) -> None:
-    """Refuse within seconds a RAY_ADDRESS that nothing answers at (ray.init retries it for minutes)."""
+def check_ray_address(address: str, timeout: float = 5) -> str | None:
+    """Refuse within seconds a RAY_ADDRESS that nothing answers at (ray.init retries it for minutes).
+
+    Returns the address's host (None for in-process Ray or "auto").
+    """
     if address in ("", "auto"):
-        return  # in-process Ray, or Ray reads the address of the cluster started on this machine itself
+        return None  # in-process Ray, or Ray reads the address of the cluster started on this machine itself
     if address.startswith(("http://", "https://")):
         raise UsageError(f"RAY_ADDRESS={address} is a dashboard (Jobs API) address: submit with "
                          "lenet-tune submit -- tune ..., set RAY_ADDRESS to the cluster's HOST:PORT (GCS), "
@@ -92,6 +94,7 @@ def check_ray_address(address: str, timeout: float = 5) -> None:
     except OSError as error:
         raise UsageError(f"no Ray cluster answers at RAY_ADDRESS={address} ({error.strerror or error}): "
                          "start one (lenet-tune cluster up) or unset RAY_ADDRESS to run Ray in this process") from None
+    return host
 
 
 def keep_ray_on_loopback() -> None:
