@@ -2,11 +2,12 @@
 
 import os
 import subprocess
-import sys
 
 import pytest
+from helpers import LENET_TUNE
 
 from jobs.cli import main
+from jobs.runtime import free_port
 
 BAD_INPUT = [
     (["tune", "--epochs", "0"], "epochs=0"),
@@ -45,7 +46,7 @@ def test_missing_imagefolder_refused_before_any_work(workdir, capsys):
 
 def test_installed_command_prints_no_traceback(workdir):
     """The real console script, as a user runs it."""
-    command = [os.path.join(os.path.dirname(sys.executable), "lenet-tune"), "tune", "--epochs", "0"]
+    command = [LENET_TUNE, "tune", "--epochs", "0"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     assert "Traceback" not in done.stderr
@@ -86,21 +87,14 @@ def silent_port():
         yield server.getsockname()[1]
 
 
-def closed_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]  # closed again when the block ends: nothing listens there
-
-
 @pytest.mark.parametrize("kind", ["refused", "silent", "dashboard-url", "no-port"])
 def test_unreachable_ray_address_fails_fast_in_one_line(kind, silent_port, workdir):
     import time
 
-    address = {"refused": f"127.0.0.1:{closed_port()}", "silent": f"127.0.0.1:{silent_port}",
+    # free_port closes its probe again, so nothing listens on the "refused" port.
+    address = {"refused": f"127.0.0.1:{free_port()}", "silent": f"127.0.0.1:{silent_port}",
                "dashboard-url": "http://127.0.0.1:8265", "no-port": "127.0.0.1"}[kind]
-    command = [os.path.join(os.path.dirname(sys.executable), "lenet-tune"), "tune", "--smoke"]
+    command = [LENET_TUNE, "tune", "--smoke"]
     started = time.monotonic()
     done = subprocess.run(command, capture_output=True, text=True, timeout=120,
                           env={**os.environ, "RAY_ADDRESS": address})

@@ -9,7 +9,6 @@ $LENET_TEST_ARTIFACTS, or else to a temporary folder.
 import os
 import signal
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -18,6 +17,7 @@ from urllib.parse import urlparse
 
 import mlflow
 import pytest
+from helpers import LENET_TUNE
 
 from jobs.cli import main
 from jobs.runtime import free_port
@@ -78,7 +78,7 @@ def ui_url(sweep):
     """`lenet-tune ui` on a free loopback port, serving the sweep's store; always stopped afterwards."""
     port = free_port()
     log_path = sweep["folder"] / "ui.log"
-    command = [os.path.join(os.path.dirname(sys.executable), "lenet-tune"), "ui",
+    command = [LENET_TUNE, "ui",
                "--tracking-uri", sweep["uri"], "--port", str(port)]
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}
     with open(log_path, "wb") as log:
