@@ -45,7 +45,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from benchmarks.baselines import blitz_accuracy, blitz_transform, other_cpu_load, plain_loop, torch_threads
-from benchmarks.memory import TrialMemorySampler  # peaks of USS, RSS, private dirty and PSS per trial
+from benchmarks.memory import dataset_mb, extra_trial, trials_memory, worker_floor
 from trainables.config import DataConfig, HyperParams, Resources, SweepConfig, TrackingConfig
 from trainables.data import as_nchw, decode_image, load_imagefolder, load_splits, stratified_split
 from trainables.loop import train_epoch
@@ -53,7 +53,6 @@ from trainables.model import LeNet
 
 TARGETS = {"throughput_ratio": 0.95, "overhead_single_s": 3.0, "overhead_multi_s": 8.0,
            "sooner_than_blitz": 10.0, "extra_trial_mb": 300.0, "tracking_share": 0.02}
-MB = 1024**2
 
 
 # ---------------------------------------------------------------- environment and noise
@@ -411,72 +410,18 @@ def blitz_time_to_accuracy(train_dir: Path, train_idx, val_idx, target: float, b
 # ---------------------------------------------------------------- 4 and 5. placement and memory
 
 
-def probe_trial(config: dict, **bound) -> None:
-    """The product's trial (trainables.trial.trial_driver), then what its process saw: threads, data, pid."""
-    from ray import tune
-
-    from trainables.trial import trial_driver
-
-    trial_driver(config, **bound)
-    splits = ray.get(bound["data_refs"][0])
-    tune.report({"epoch": 10**6, "torch_threads": torch.get_num_threads(),
-                 "data_writeable": int(splits.train_images.flags.writeable)})
-
-
-def worker_floor(data_ref, threads: int = 1) -> dict:
-    """The baseline for memory: USS of a fresh Ray worker, bare, with torch imported, and after one
-    epoch of the product's `fit` on the shared data, without Tune, Train or MLflow in the process."""
-
-    def measure(refs: list) -> dict:
-        def uss() -> float:
-            return psutil.Process().memory_full_info().uss / MB
-
-        bare = uss()
-        import torch  # imported here, not captured: the bare figure must come first
-
-        imported = uss()
-        from trainables.config import HyperParams
-        from trainables.loop import fit
-
-        torch.set_num_threads(threads)
-        fit(HyperParams(epochs=1), ray.get(refs[0]), torch.device("cpu"), lambda metrics, checkpoint: None)
-        return {"bare_mb": bare, "torch_imported_mb": imported, "after_epoch_mb": uss()}
-
-    # A runtime_env of its own makes Ray start a new process rather than reuse a trial's.
-    remote = ray.remote(num_cpus=threads, runtime_env={"env_vars": {"LENET_BENCH_FRESH_WORKER": "1"}})(measure)
-    return ray.get(remote.remote([data_ref]))
-
-
 def placement_and_memory(splits, scratch: Path, cluster: dict) -> dict:
-    """1 trial of 2 CPUs, then 2 trials of 1 CPU, each 1 epoch on the full data: threads and memory."""
-    from ray import cloudpickle, tune
-
+    """memory.py's real trials (1 trial of 2 CPUs, then 2 of 1 CPU, 1 epoch on the full data) and fresh
+    worker, with the placement they should get: torch threads = CPUs, Tune's concurrency cap."""
     from jobs.runtime import max_concurrent_trials
 
-    if probe_trial.__module__ != "__main__":  # workers cannot import benchmarks/: send the code itself
-        cloudpickle.register_pickle_by_value(sys.modules[probe_trial.__module__])
     data_ref = ray.put(splits)
-    shapes = {}
-    for trials, cpus in ((1, 2), (2, 1)):
-        resources = Resources(cpus_per_worker=cpus)
-        trainable = tune.with_resources(tune.with_parameters(
-            probe_trial, base=HyperParams(epochs=1).model_dump(), resources=resources.model_dump(),
-            data_refs=[data_ref], trainer_storage=str(scratch / "probe-train"), torchtrainer=False), {"cpu": cpus})
-        sampler = TrialMemorySampler()
-        sampler.start()
-        grid = tune.Tuner(trainable, param_space={"copy": tune.grid_search(list(range(trials)))},
-                          tune_config=tune.TuneConfig(max_concurrent_trials=trials),
-                          run_config=tune.RunConfig(storage_path=str(scratch / "probe"), verbose=0)).fit()
-        sampler.halt.set()
-        sampler.join()
-        shapes[f"{trials}x{cpus}"] = {
-            "trials": trials, "cpus_per_worker": cpus,
-            "torch_threads": sorted(r.metrics["torch_threads"] for r in grid),
-            "data_writeable": any(r.metrics["data_writeable"] for r in grid),
-            "max_concurrent_trials": max_concurrent_trials(cluster, 1, cpus, 0), **sampler.peak(trials)}
-    one, two = shapes["1x2"], shapes["2x1"]
-    return {"shapes": shapes, "worker_floor": worker_floor(data_ref), "dataset_mb": sum(a.nbytes for a in vars(splits).values() if hasattr(a, "nbytes")) / MB,
-            "extra_trial_mb": two["uss_sum_mb"] - one["uss_sum_mb"] + two["object_store_mb"] - one["object_store_mb"],
+    shapes = trials_memory(data_ref, scratch)
+    for shape in shapes.values():
+        cpus = shape["cpus_per_worker"] = shape["cpus_per_trial"]  # in-trial runner: one worker per trial
+        shape["max_concurrent_trials"] = max_concurrent_trials(cluster, 1, cpus, 0)
+    return {"shapes": shapes, "worker_floor": worker_floor(data_ref), "dataset_mb": dataset_mb(splits),
+            **extra_trial(shapes),
             "threads_equal_cpus": all(set(s["torch_threads"]) == {s["cpus_per_worker"]} for s in shapes.values())}
 
 
