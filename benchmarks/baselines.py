@@ -88,9 +88,7 @@ def other_cpu_load(into: dict) -> Iterator[None]:
 # ---------------------------------------------------------------- data
 
 
-def load_imagefolder_uint8(
-    train_dir: str | Path, max_per_class: int | None = None
-) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+def load_imagefolder_uint8(train_dir: str | Path) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """Decode an ImageFolder tree into (images (N,3,H,W) uint8, labels (N,) int64, class names).
 
     Files come in ImageFolder's own order, so index i here is sample i of
@@ -99,14 +97,6 @@ def load_imagefolder_uint8(
     """
     folder = torchvision.datasets.ImageFolder(train_dir)  # scans paths only, decodes nothing
     samples = folder.samples
-    if max_per_class is not None:
-        taken = [0] * len(folder.classes)
-        kept = []
-        for path, label in samples:
-            if taken[label] < max_per_class:
-                taken[label] += 1
-                kept.append((path, label))
-        samples = kept
     # decode_jpeg on one small file at a time beats PIL and a thread pool here:
     # a 32x32 JPEG decodes in ~40 us, less than a thread hand-off costs.
     # RGB mode: a grey JPEG would otherwise decode to 1 channel and break the stack.
@@ -143,19 +133,16 @@ def blitz_transform() -> transforms.Compose:
 def blitz_loop(
     train_dir: str | Path,
     epochs: int = 1,
-    max_images: int | None = None,
     time_budget_s: float | None = None,
     threads: int = 2,
     seed: int = 0,
     train_indices: torch.Tensor | None = None,
-    eval_indices: torch.Tensor | None = None,
 ) -> dict:
     """Train LeNet exactly as the 60-minute blitz does; return throughput and losses.
 
-    An epoch stops early after `max_images` images or `time_budget_s` seconds, so
-    throughput can be measured on a slice (a full epoch takes ~50 s on 2 cores).
-    `train_indices` / `eval_indices` pick samples of `ImageFolder(train_dir)`;
-    with `eval_indices` the result also holds `eval_acc` after the last epoch.
+    An epoch stops early after `time_budget_s` seconds, so throughput can be measured
+    on a slice (a full epoch takes ~50 s on 2 cores). `train_indices` picks samples
+    of `ImageFolder(train_dir)`.
     """
     torch.manual_seed(seed)  # the DataLoader's shuffle draws from the global generator
     dataset = torchvision.datasets.ImageFolder(train_dir, transform=blitz_transform())
@@ -177,23 +164,17 @@ def blitz_loop(
                 optimizer.step()
                 loss_sum += loss.item() * len(targets)
                 epoch_images += len(targets)
-                if max_images is not None and epoch_images >= max_images:
-                    break
                 if time_budget_s is not None and time.perf_counter() - start >= time_budget_s:
                     break
             epoch_seconds.append(time.perf_counter() - start)
             train_loss.append(loss_sum / epoch_images)
             images_seen += epoch_images
-        result = {
-            "images_per_second": images_seen / sum(epoch_seconds),
-            "images_seen": images_seen,
-            "epoch_seconds": epoch_seconds,
-            "train_loss": train_loss,
-        }
-        if eval_indices is not None:
-            eval_loader = DataLoader(Subset(dataset, eval_indices.tolist()), batch_size=4, num_workers=2)
-            result["eval_acc"] = blitz_accuracy(model, eval_loader)
-    return result
+    return {
+        "images_per_second": images_seen / sum(epoch_seconds),
+        "images_seen": images_seen,
+        "epoch_seconds": epoch_seconds,
+        "train_loss": train_loss,
+    }
 
 
 def blitz_accuracy(model: nn.Module, loader: DataLoader) -> float:
@@ -267,10 +248,8 @@ def plain_loop(
 ) -> dict:
     """Train LeNet from in-memory uint8 tensors; return throughput, losses and accuracies.
 
-    With eval data the result also holds `eval_acc` per epoch and
-    `accuracy_curve`: (training seconds so far, eval_acc) after each epoch, for
-    `time_to_accuracy`. Evaluation time is left out of both the clock and the
-    throughput, so the curve reads as "accuracy bought by this much training".
+    With eval data the result also holds `eval_acc` per epoch. Evaluation time is left
+    out of the clock and the throughput.
     `linear_decay` lowers lr linearly from `lr` (first epoch) towards 0 (after the last):
     a constant lr of 0.05 plateaus near 55% while decay reaches 62.6% at 10 epochs.
     """
@@ -284,7 +263,7 @@ def plain_loop(
     model = LeNet()
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
 
-    epoch_seconds, train_loss, eval_acc, curve = [], [], [], []
+    epoch_seconds, train_loss, eval_acc = [], [], []
     with torch_threads(threads):
         for epoch in range(epochs):
             if linear_decay:
@@ -295,7 +274,6 @@ def plain_loop(
             epoch_seconds.append(time.perf_counter() - start)
             if eval_images is not None:
                 eval_acc.append(accuracy(model, eval_images, eval_labels))
-                curve.append((sum(epoch_seconds), eval_acc[-1]))
     result = {
         "images_per_second": epochs * len(labels) / sum(epoch_seconds),
         "epoch_seconds": epoch_seconds,
@@ -303,13 +281,7 @@ def plain_loop(
     }
     if eval_images is not None:
         result["eval_acc"] = eval_acc
-        result["accuracy_curve"] = curve
     return result
-
-
-def time_to_accuracy(curve: list[tuple[float, float]], target: float) -> float | None:
-    """Training seconds until eval accuracy first reached `target`, or None if it never did."""
-    return next((seconds for seconds, acc in curve if acc >= target), None)
 
 
 # ---------------------------------------------------------------- entry point
