@@ -321,16 +321,14 @@ def finish_sweep(results, sweep, base, splits, parent_run_id, experiment_id, tra
 
 
 def resume_configs(name: str, tracking_cfg: TrackingConfig) -> dict:
-    """The configs a sweep ran with, read back from its parent run's sweep-config.json."""
+    """The configs a sweep ran with, read back from its parent run's sweep-config.yaml."""
     experiment_id = tracking.configure(tracking_cfg.resolved_uri(), tracking_cfg.experiment)
-    client = mlflow.MlflowClient(tracking_cfg.resolved_uri())
-    found = client.search_runs([experiment_id], f"tags.sweep = '{name}' and attributes.run_name = '{name}'",
-                               max_results=1)
-    if not found:
+    found = tracking.find_parent_run(mlflow.MlflowClient(tracking_cfg.resolved_uri()), experiment_id, name)
+    if found is None:
         raise UsageError(f"no sweep named {name!r} in {tracking_cfg.resolved_uri()}: check --resume and --tracking-uri")
-    if found[0].info.status == "FINISHED":
+    if found.info.status == "FINISHED":
         raise UsageError(f"sweep {name!r} already finished: start a new one with --name")
-    saved = yaml.safe_load(mlflow.artifacts.load_text(f"{found[0].info.artifact_uri}/{tracking.CONFIG_ARTIFACT}"))
+    saved = yaml.safe_load(mlflow.artifacts.load_text(f"{found.info.artifact_uri}/{tracking.CONFIG_ARTIFACT}"))
     return {"sweep": SweepConfig(**saved["sweep"]), "hparams": HyperParams(**saved["hparams"]),
             "data": DataConfig(**saved["data"]), "resources": Resources(**saved["resources"]),
             # Where to log is where the user points now (the saved copy has credentials redacted).

@@ -100,6 +100,13 @@ def find_child_run(client: MlflowClient, experiment_id: str, parent_run_id: str 
     return runs[0] if runs else None
 
 
+def find_parent_run(client: MlflowClient, experiment_id: str, name: str):
+    """The parent run of the sweep called `name`, or None."""
+    runs = client.search_runs([experiment_id], f"tags.sweep = '{name}' and attributes.run_name = '{name}'",
+                              max_results=1)
+    return runs[0] if runs else None
+
+
 def open_parent_run(tracking_uri: str, experiment_id: str, name: str, resume: bool, tags: dict,
                     params: dict, resolved_config: dict) -> str:
     """The sweep's parent run: the existing one when a sweep resumes, else a new one.
@@ -108,10 +115,9 @@ def open_parent_run(tracking_uri: str, experiment_id: str, name: str, resume: bo
     rerun exactly (`lenet-tune tune --config sweep-config.yaml --name NEW`).
     """
     client = MlflowClient(tracking_uri)
-    found = client.search_runs(
-        [experiment_id], f"tags.sweep = '{name}' and attributes.run_name = '{name}'", max_results=1)
+    found = find_parent_run(client, experiment_id, name)
     if found and resume:
-        run_id = found[0].info.run_id
+        run_id = found.info.run_id
         client.update_run(run_id, status="RUNNING")
         return run_id
     run_id = client.create_run(experiment_id, run_name=name, tags=tags).info.run_id
@@ -200,9 +206,9 @@ class TrialLogger(tune.Callback):
         seen = self.logged_epochs.setdefault(trial.trial_id, set())
         if epoch in seen:
             return
-        timestamp = int(result.get("timestamp", 0) * 1000) or None
+        timestamp = int(result.get("timestamp", 0) * 1000)
         metrics = [
-            Metric(key, float(result[key]), timestamp or 0, epoch)
+            Metric(key, float(result[key]), timestamp, epoch)
             for key in EPOCH_METRICS
             if key in result and isinstance(result[key], numbers.Real)
         ]
@@ -210,7 +216,7 @@ class TrialLogger(tune.Callback):
         if started is not None and "epoch_seconds" in result:
             # Start-up overhead: from launch to the first report, less the epoch itself.
             startup = time.time() - started - float(result["epoch_seconds"])
-            metrics.append(Metric("startup_seconds", max(startup, 0.0), timestamp or 0, epoch))
+            metrics.append(Metric("startup_seconds", max(startup, 0.0), timestamp, epoch))
         tags = [RunTag("diverged", "true")] if result.get("diverged") else []
         self.client.log_batch(run_id, metrics=metrics, tags=tags)
         seen.add(epoch)  # only once MLflow has it
