@@ -24,6 +24,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import torch
 import torchvision
 from torch import nn
@@ -31,6 +32,7 @@ from torch.utils.data import DataLoader, Subset
 from torchvision import transforms
 from torchvision.io import ImageReadMode, decode_jpeg, read_file
 
+from trainables.data import stratified_split
 from trainables.model import LeNet
 
 # Per-channel statistics of the CIFAR-10 training set (the usual published values).
@@ -103,21 +105,6 @@ def load_imagefolder_uint8(train_dir: str | Path) -> tuple[torch.Tensor, torch.T
     images = torch.stack([decode_jpeg(read_file(path), mode=ImageReadMode.RGB) for path, _ in samples])
     labels = torch.tensor([label for _, label in samples], dtype=torch.int64)
     return images, labels, list(folder.classes)
-
-
-def stratified_split(
-    labels: torch.Tensor, eval_fraction: float = 0.1, seed: int = 0
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Indices (train, eval) holding `eval_fraction` of every class in eval, shuffled by `seed`."""
-    generator = torch.Generator().manual_seed(seed)
-    train_parts, eval_parts = [], []
-    for label in labels.unique():
-        members = (labels == label).nonzero().flatten()
-        members = members[torch.randperm(len(members), generator=generator)]
-        eval_count = round(len(members) * eval_fraction)
-        eval_parts.append(members[:eval_count])
-        train_parts.append(members[eval_count:])
-    return torch.cat(train_parts).sort().values, torch.cat(eval_parts).sort().values
 
 
 # ---------------------------------------------------------------- the blitz loop
@@ -300,7 +287,9 @@ def run(
     start = time.perf_counter()
     images, labels, class_names = load_imagefolder_uint8(train_dir)
     decode_seconds = time.perf_counter() - start
-    train_idx, eval_idx = stratified_split(labels, eval_fraction, seed)
+    # The product's per-class split (trainables.data), as torch indices into ImageFolder's order.
+    eval_idx, train_idx = (torch.from_numpy(i) for i in
+                           stratified_split(labels.numpy(), eval_fraction, np.random.default_rng(seed)))
 
     blitz_load, plain_load = {}, {}
     with other_cpu_load(blitz_load):
