@@ -17,7 +17,6 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import mlflow
-import numpy as np
 import torch
 import yaml
 from mlflow.entities import Metric, Param, RunTag
@@ -26,7 +25,7 @@ from mlflow.tracking import MlflowClient
 from ray import tune
 
 from trainables.config import redact
-from trainables.data import Splits
+from trainables.data import Splits, as_nchw
 from trainables.evaluation import confusion_matrix, plot_confusion, serving_model, summarize
 
 EPOCH_METRICS = ("train_loss", "val_loss", "val_acc", "epoch_seconds", "images_per_second")
@@ -274,7 +273,7 @@ def log_champion(run_id: str, checkpoint_state: dict, splits: Splits, model_name
     model = serving_model(checkpoint_state)
     confusion = confusion_matrix(model, splits.test_images, splits.test_labels, len(splits.classes))
     summary = summarize(confusion, splits.classes)
-    example = np.ascontiguousarray(splits.test_images[:4].transpose(0, 3, 1, 2), dtype=np.float32)  # NCHW pixels
+    example = as_nchw(splits.test_images[:4]).float().contiguous().numpy()  # (4, 3, 32, 32) raw pixels
     with torch.no_grad():
         example_logits = model(torch.as_tensor(example)).numpy()
     with mlflow.start_run(run_id=run_id):
