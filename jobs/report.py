@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from trainables.evaluation import plot_confusion, summarize
+from trainables.evaluation import plot_confusion, pyplot, summarize
+from trainables.tracking import stopped_early
 
 HYPERPARAMETERS = ("lr", "batch_size", "momentum", "dilation", "padding", "augment")
 TOP_CURVES = 5  # trials drawn on the learning-curve plot
@@ -27,15 +28,6 @@ PLOTS = {  # file -> caption, in the order index.html shows them
     "confusion_matrix.png": "Best model of the sweep on the test split: confusion matrix (rows = true class)",
     "per_class_accuracy.png": "Best model of the sweep on the test split: accuracy per class",
 }
-
-
-def pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display on servers
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def build_report(trials: pd.DataFrame, curves: dict[str, pd.DataFrame], confusion: list[list[int]],
@@ -94,8 +86,7 @@ def tables_from_results(results, params_of, max_epochs: int) -> tuple[pd.DataFra
         rows.append({"trial_id": trial_id, **{name: params.get(name) for name in HYPERPARAMETERS},
                      "best_val_acc": float(healthy.max()) if len(healthy) else float("nan"),
                      "epochs_run": epochs_run,
-                     # As MLflow's stopped_early tag: ended cleanly before max_epochs, so ASHA stopped it.
-                     "stopped_early": result.error is None and not diverged and epochs_run < max_epochs,
+                     "stopped_early": stopped_early(result.error is None, diverged, epochs_run, max_epochs),
                      "diverged": diverged,
                      "status": "ERROR" if result.error is not None else "TERMINATED"})
         curves[trial_id] = history.reindex(columns=CURVE_COLUMNS).reset_index(drop=True)

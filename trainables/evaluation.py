@@ -60,13 +60,19 @@ def summarize(confusion: np.ndarray, classes) -> dict:
     }
 
 
-def plot_confusion(confusion: np.ndarray, classes):
-    """A matplotlib Figure of the confusion matrix, rows = true class."""
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (servers have no display), imported only when plotting."""
     import matplotlib
 
-    matplotlib.use("Agg")  # no display on servers
+    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def plot_confusion(confusion: np.ndarray, classes):
+    """A matplotlib Figure of the confusion matrix, rows = true class."""
+    plt = pyplot()
     figure, axes = plt.subplots(figsize=(7, 6))
     image = axes.imshow(confusion, cmap="Blues")
     axes.set_xticks(range(len(classes)), classes, rotation=45, ha="right")

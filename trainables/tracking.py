@@ -125,6 +125,11 @@ def open_parent_run(tracking_uri: str, experiment_id: str, name: str, resume: bo
     return run_id
 
 
+def stopped_early(ended_cleanly: bool, diverged: bool, epochs_run: int, max_epochs: int) -> bool:
+    """ASHA stops a trial by ending it early and cleanly: say so, so users don't mistake it for a crash."""
+    return ended_cleanly and not diverged and epochs_run < max_epochs
+
+
 class TrialLogger(tune.Callback):
     """Logs every Tune trial as an MLflow run (nested under parent_run_id when given).
 
@@ -254,8 +259,7 @@ class TrialLogger(tune.Callback):
         client = self.client
         client.set_tag(run_id, "epochs_run", str(epochs_run))
         client.set_tag(run_id, "diverged", "true" if last.get("diverged") else "false")
-        # ASHA stops a trial by ending it early: say so, so users don't mistake it for a crash.
-        stopped = status == "FINISHED" and epochs_run < self.max_epochs and not last.get("diverged")
+        stopped = stopped_early(status == "FINISHED", bool(last.get("diverged")), epochs_run, self.max_epochs)
         client.set_tag(run_id, "stopped_early", "true" if stopped else "false")
         best = last.get("val_acc")
         if isinstance(best, (int, float)) and math.isfinite(best):
