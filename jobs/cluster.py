@@ -29,7 +29,7 @@ from pathlib import Path
 
 import requests
 
-from jobs.runtime import UsageError, free_port
+from jobs.runtime import TELEMETRY_OPT_OUT, UsageError, free_port
 
 DEFAULT_FOLDER = ".lenet-cluster"
 PARTS = ("ray", "mlflow")
@@ -38,7 +38,7 @@ HAS_PROC = Path("/proc/self/stat").exists()  # Linux; elsewhere `ps` lists the p
 CLUSTER_ENV = {
     "RAY_AUTH_MODE": "token",  # every Ray RPC and dashboard request needs the token
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # advertise 127.0.0.1, never the routable address
-    "RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true",
+    **TELEMETRY_OPT_OUT,
 }
 # MLflow 3's server would also start a job runner and seven queue consumers for GenAI jobs.
 MLFLOW_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}

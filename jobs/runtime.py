@@ -20,10 +20,13 @@ class SweepInterrupted(Exception):
         self.exit_code = exit_code
 
 
+# No usage reports from Ray or MLflow: a sweep talks only to its own cluster and tracking store.
+TELEMETRY_OPT_OUT = {"RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}
+
+
 def opt_out_of_telemetry() -> None:
-    """No usage reports from Ray or MLflow: a sweep talks only to its own cluster and tracking store."""
-    for name, value in (("RAY_USAGE_STATS_ENABLED", "0"), ("MLFLOW_DISABLE_TELEMETRY", "true"),
-                        ("DO_NOT_TRACK", "true")):
+    """TELEMETRY_OPT_OUT in this process's environment (a user's own setting wins)."""
+    for name, value in TELEMETRY_OPT_OUT.items():
         os.environ.setdefault(name, value)
 
 
