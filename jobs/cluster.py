@@ -244,22 +244,28 @@ def health(state: dict) -> dict:
             for part in PARTS}
 
 
-def cluster_resources(dashboard_url: str, wait: float = 20) -> dict:
-    """{'CPU': total, 'GPU': total, 'memory': bytes, ...} from the dashboard; {} if unknown.
+def cluster_resources(dashboard_url: str, wait: float = 30) -> dict:
+    """{'CPU': total, 'GPU': total, 'memory': bytes, ...} over the alive nodes; {} if unknown.
 
-    The autoscaler publishes these a few seconds after the head starts, hence the wait.
+    Read from Ray's State API (the GCS's node table), not /api/cluster_status: that one waits on the
+    autoscaler's monitor, which on a busy 2-core machine published nothing for over 20 s after `up`.
     """
     deadline, headers = time.monotonic() + wait, auth_headers()
     while True:
         try:
-            reply = requests.get(f"{dashboard_url}/api/cluster_status", headers=headers, timeout=10)
-            usage = reply.json()["data"]["clusterStatus"]["loadMetricsReport"]["usage"]
-            return {name: total for name, (_, total) in usage.items()
-                    if not name.startswith(("node:", "accelerator"))}
+            reply = requests.get(f"{dashboard_url}/api/v0/nodes", headers=headers, timeout=10)
+            totals: dict[str, float] = {}
+            for node in reply.json()["data"]["result"]["result"]:
+                for name, value in node["resources_total"].items() if node["state"] == "ALIVE" else ():
+                    if not name.startswith(("node:", "accelerator")):
+                        totals[name] = totals.get(name, 0) + value
+            if totals:
+                return totals
         except (requests.RequestException, ValueError, KeyError, TypeError):
-            if time.monotonic() > deadline:
-                return {}
-            time.sleep(1)
+            pass
+        if time.monotonic() > deadline:
+            return {}
+        time.sleep(1)
 
 
 def describe(state: dict) -> str:
