@@ -134,13 +134,33 @@ def test_images_are_viewed_channels_last_without_a_copy():
     assert view[torch.tensor([3, 1, 4])].is_contiguous(memory_format=torch.channels_last)  # batches keep it
 
 
-def test_train_controller_polls_fast_unless_the_user_says_otherwise(monkeypatch):
-    from trainables.trainer import HEALTH_CHECK_INTERVAL, build_trainer
+def test_train_controller_polls_fast_and_skips_the_preemption_watcher_unless_the_user_says_otherwise(monkeypatch):
+    from trainables.trainer import TRAINER_DEFAULTS, build_trainer
 
-    name, value = HEALTH_CHECK_INTERVAL
-    monkeypatch.delenv(name, raising=False)
+    assert dict(TRAINER_DEFAULTS) == {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
+                                      "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+    for name, _ in TRAINER_DEFAULTS:
+        monkeypatch.delenv(name, raising=False)
     build_trainer(HyperParams(), Resources(), data_ref=None, name="t", storage_path="/tmp/unused")
-    assert os.environ[name] == value == "0.2"
-    monkeypatch.setenv(name, "5")
+    assert all(os.environ[name] == value for name, value in TRAINER_DEFAULTS)
+    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "5")
+    monkeypatch.setenv("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "1")
     build_trainer(HyperParams(), Resources(), data_ref=None, name="t", storage_path="/tmp/unused")
-    assert os.environ[name] == "5"
+    assert os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "5"
+    assert os.environ["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "1"
+
+
+def test_trainer_without_ray_datasets_starts_no_dataset_manager():
+    from ray.train.torch import TorchTrainer
+    from ray.train.v2._internal.callbacks import BackendSetupCallback
+    from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
+
+    from trainables.trainer import LeNetTorchTrainer, build_trainer
+
+    trainer = build_trainer(HyperParams(), Resources(), data_ref=None, name="t", storage_path="/tmp/unused")
+    kinds = {type(c) for c in trainer._create_default_callbacks()}
+    assert DatasetsCallback not in kinds and BackendSetupCallback in kinds  # only that one is dropped
+    # Given Ray Datasets, it is Ray's own trainer again.
+    with_data = LeNetTorchTrainer(lambda: None, datasets={"train": lambda: None})  # a factory: nothing starts
+    assert DatasetsCallback in {type(c) for c in with_data._create_default_callbacks()}
+    assert {type(c) for c in TorchTrainer(lambda: None)._create_default_callbacks()} - kinds == {DatasetsCallback}
