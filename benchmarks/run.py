@@ -48,7 +48,7 @@ from benchmarks.baselines import blitz_accuracy, blitz_transform, other_cpu_load
 from benchmarks.memory import TARGET_EXTRA_TRIAL_MB, dataset_mb, extra_trial, trials_memory, worker_floor
 from trainables.config import DataConfig, HyperParams, Resources, SweepConfig, TrackingConfig
 from trainables.data import as_nchw, decode_image, load_imagefolder, load_splits, stratified_split
-from trainables.loop import train_epoch
+from trainables.loop import build_optimizer, train_epoch
 from trainables.model import LeNet
 
 TARGETS = {"throughput_ratio": 0.95, "overhead_single_s": 3.0, "overhead_multi_s": 8.0,
@@ -104,8 +104,7 @@ def product_images_per_second(images, labels, threads: int, augment: str, nchw: 
     model = LeNet(hp.dilation, hp.padding)
     if nchw:  # what-if: plain NCHW memory, the layout the product stored before channels-last
         images = images.contiguous()
-    optimizer = torch.optim.SGD(model.parameters(), lr=hp.lr, momentum=hp.momentum,
-                                weight_decay=hp.weight_decay, nesterov=hp.momentum > 0)
+    optimizer = build_optimizer(model, hp)
     with torch_threads(threads):
         start = time.perf_counter()
         train_epoch(model, optimizer, images, labels, hp, epoch=1, batch_size=hp.batch_size)

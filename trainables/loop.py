@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from trainables.config import HyperParams
 from trainables.data import Splits, as_nchw
 from trainables.model import LeNet
+from trainables.optim import SGD
 
 # CIFAR-10 channel statistics on the 0..255 scale; batches are normalised on the fly.
 MEAN = (125.3, 123.0, 113.9)
@@ -80,6 +81,12 @@ def lr_at(hp: HyperParams, step: int, total_steps: int) -> float:
     return 0.5 * hp.lr * (1 + math.cos(math.pi * (step - warmup) / max(1, total_steps - warmup)))
 
 
+def build_optimizer(model: torch.nn.Module, hp: HyperParams) -> SGD:
+    """Nesterov momentum SGD (plain SGD when momentum is 0); the loop sets its lr every step."""
+    return SGD(model.parameters(), lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay,
+               nesterov=hp.momentum > 0)
+
+
 def train_epoch(model, optimizer, images, labels, hp: HyperParams, epoch: int,
                 batch_size: int, rank: int = 0, world_size: int = 1) -> float:
     """One pass over this worker's shard; returns the mean training loss (nan if it diverged)."""
@@ -96,11 +103,10 @@ def train_epoch(model, optimizer, images, labels, hp: HyperParams, epoch: int,
     for i in range(steps):
         idx = order[i * batch_size:(i + 1) * batch_size]
         x = augment_batch(normalise(images[idx]), hp.augment, aug_generator)
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(hp, (epoch - 1) * steps + i, total_steps)
+        optimizer.lr = lr_at(hp, (epoch - 1) * steps + i, total_steps)
         with mixed_precision(x.device):
             loss = F.cross_entropy(model(x), labels[idx])
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         loss_sum += loss.detach()
@@ -143,8 +149,7 @@ def fit(hp: HyperParams, splits: Splits, device: torch.device, report: ReportFn,
     model = wrap_model(model) if wrap_model else model.to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(model.parameters(), lr=hp.lr, momentum=hp.momentum,
-                                weight_decay=hp.weight_decay, nesterov=hp.momentum > 0)
+    optimizer = build_optimizer(model, hp)
     start_epoch = 1
     if resume_state:
         _unwrap(model).load_state_dict(resume_state["model"])
