@@ -43,7 +43,7 @@ import torch
 
 from trainables.config import DataConfig, HyperParams
 from trainables.data import as_nchw, load_splits
-from trainables.loop import train_epoch
+from trainables.loop import build_optimizer, train_epoch
 from trainables.model import LeNet
 
 source = os.environ["DATA"]
@@ -59,8 +59,7 @@ for batch_size in (128, 512):
         hp = HyperParams(batch_size=batch_size, augment=augment, epochs=4)
         torch.manual_seed(hp.seed)
         model = LeNet(hp.dilation, hp.padding).to(device).to(memory_format=torch.channels_last)
-        optimizer = torch.optim.SGD(model.parameters(), lr=hp.lr, momentum=hp.momentum,
-                                    weight_decay=hp.weight_decay, nesterov=True)
+        optimizer = build_optimizer(model, hp)  # the product's SGD, as fit() builds it
         train_epoch(model, optimizer, images, labels, hp, 1, batch_size)  # warm-up: cuDNN plans, allocator
         torch.cuda.synchronize()
         start = time.perf_counter()
