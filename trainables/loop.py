@@ -87,9 +87,10 @@ def build_optimizer(model: torch.nn.Module, hp: HyperParams) -> SGD:
                nesterov=hp.momentum > 0)
 
 
-def train_epoch(model, optimizer, images, labels, hp: HyperParams, epoch: int,
+def train_epoch(model, optimizer: SGD, images, labels, hp: HyperParams, epoch: int,
                 batch_size: int, rank: int = 0, world_size: int = 1) -> float:
-    """One pass over this worker's shard; returns the mean training loss (nan if it diverged)."""
+    """One pass over this worker's shard with `optimizer` (build_optimizer's SGD: the lr is set on it every
+    step); returns the mean training loss (nan if it diverged)."""
     model.train()
     # All workers draw the same permutation and take every world_size-th image,
     # so shards are disjoint and equal-sized (DDP needs the same step count).
