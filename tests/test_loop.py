@@ -54,6 +54,21 @@ def test_stopped_run_resumes_at_next_epoch_from_checkpoint(splits, tmp_path):
     assert resumed[0][0]["train_loss"] < fresh_epoch1
 
 
+def test_resumed_epoch_is_the_epoch_an_uninterrupted_run_trains(splits, tmp_path):
+    # Weights, momentum buffers and the step's lr all come back: epoch 3 after a resume from epoch 2's
+    # checkpoint is bit for bit epoch 3 of a run that never stopped (a lost momentum would differ).
+    hp = HyperParams(epochs=3, batch_size=32, lr=0.05)
+    straight = collect(hp, splits, tmp_path / "straight")
+    state = load_checkpoint(str(straight[1][1]))
+    assert state["optimizer"]["momentum_buffers"] is not None
+    resumed = collect(hp, splits, tmp_path / "resumed", resume_state=state)
+    for key in ("train_loss", "val_loss", "val_acc"):
+        assert resumed[0][0][key] == straight[2][0][key], key
+    without_momentum = {**state, "optimizer": {"momentum_buffers": None}}
+    assert collect(hp, splits, tmp_path / "cold", resume_state=without_momentum)[0][0]["train_loss"] != \
+        straight[2][0]["train_loss"]
+
+
 def test_diverging_trial_stops_at_first_non_finite_loss(splits, tmp_path):
     reports = collect(HyperParams(epochs=3, batch_size=32, lr=1e4, schedule="constant"), splits, tmp_path)
     assert len(reports) == 1
