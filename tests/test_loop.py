@@ -96,3 +96,26 @@ def test_trainer_resumes_from_latest_checkpoint(ray_runtime, tmp_path, splits):
     assert history.iloc[0]["epoch_seconds"] == first.metrics["epoch_seconds"]
     best = load_checkpoint(second.checkpoint.path)
     assert best["epoch"] == 2 and os.path.exists(second.checkpoint.path)
+
+
+def test_trainer_leaves_no_placement_group_or_cleaner_behind(ray_runtime, tmp_path, splits):
+    """LeNetTorchTrainer stops Train's placement-group cleaner without waiting for it: it must still go."""
+    import time
+
+    import ray
+    from ray.util.state import list_actors
+
+    from trainables.trainer import PlacementGroupCleanerStoppedInPassing, build_trainer
+
+    trainer = build_trainer(HyperParams(epochs=1, batch_size=64), Resources(), ray.put(splits), "tidy",
+                            str(tmp_path))
+    assert PlacementGroupCleanerStoppedInPassing in {type(c) for c in trainer._create_default_callbacks()}
+    assert trainer.fit().error is None
+    deadline = time.monotonic() + 30
+    while True:
+        cleaners = list_actors(filters=[("class_name", "=", "PlacementGroupCleaner"), ("state", "=", "ALIVE")])
+        groups = [g for g in ray.util.placement_group_table().values() if g["state"] != "REMOVED"]
+        if not cleaners and not groups or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert cleaners == [] and groups == []

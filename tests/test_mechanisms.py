@@ -150,17 +150,20 @@ def test_train_controller_polls_fast_and_skips_the_preemption_watcher_unless_the
     assert os.environ["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "1"
 
 
-def test_trainer_without_ray_datasets_starts_no_dataset_manager():
+def test_trainer_changes_only_the_dataset_manager_and_the_cleaner_stop():
     from ray.train.torch import TorchTrainer
-    from ray.train.v2._internal.callbacks import BackendSetupCallback
     from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
+    from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
 
-    from trainables.trainer import LeNetTorchTrainer, build_trainer
+    from trainables.trainer import LeNetTorchTrainer, PlacementGroupCleanerStoppedInPassing, build_trainer
 
-    trainer = build_trainer(HyperParams(), Resources(), data_ref=None, name="t", storage_path="/tmp/unused")
-    kinds = {type(c) for c in trainer._create_default_callbacks()}
-    assert DatasetsCallback not in kinds and BackendSetupCallback in kinds  # only that one is dropped
-    # Given Ray Datasets, it is Ray's own trainer again.
+    def kinds(trainer) -> set:
+        return {type(c) for c in trainer._create_default_callbacks()}
+
+    ours = kinds(build_trainer(HyperParams(), Resources(), data_ref=None, name="t", storage_path="/tmp/unused"))
+    rays = kinds(TorchTrainer(lambda: None))
+    assert rays - ours == {DatasetsCallback, PlacementGroupCleanerCallback}  # everything else is Ray's own
+    assert ours - rays == {PlacementGroupCleanerStoppedInPassing}
+    # Given Ray Datasets, the Ray Data machinery stays.
     with_data = LeNetTorchTrainer(lambda: None, datasets={"train": lambda: None})  # a factory: nothing starts
-    assert DatasetsCallback in {type(c) for c in with_data._create_default_callbacks()}
-    assert {type(c) for c in TorchTrainer(lambda: None)._create_default_callbacks()} - kinds == {DatasetsCallback}
+    assert DatasetsCallback in kinds(with_data)
