@@ -167,3 +167,26 @@ def test_trainer_changes_only_the_dataset_manager_and_the_cleaner_stop():
     # Given Ray Datasets, the Ray Data machinery stays.
     with_data = LeNetTorchTrainer(lambda: None, datasets={"train": lambda: None})  # a factory: nothing starts
     assert DatasetsCallback in kinds(with_data)
+
+
+def test_placement_group_cleaner_is_told_to_stop_without_a_wait(monkeypatch):
+    # Train's own callback blocks in ray.get on the cleaner's stop (up to its 1 s poll); ours only sends it.
+    import asyncio
+
+    from ray.train.v2._internal.callbacks import placement_group_callback
+
+    from trainables.trainer import PlacementGroupCleanerStoppedInPassing
+
+    sent, waited = [], []
+    monkeypatch.setattr(placement_group_callback.ray, "get", lambda *a, **k: waited.append(a))
+
+    class Cleaner:  # the one method the callback calls on Train's cleaner actor
+        class stop:  # noqa: N801 - mirrors an actor method's .remote()
+            @staticmethod
+            def remote():
+                sent.append("stop")
+
+    callback = PlacementGroupCleanerStoppedInPassing()
+    callback._cleaner = Cleaner()
+    asyncio.run(callback.before_controller_shutdown())  # the hook Train calls at a normal end
+    assert sent == ["stop"] and waited == [] and callback._cleaner is None
