@@ -181,7 +181,7 @@ def test_placement_group_cleaner_is_told_to_stop_without_a_wait(monkeypatch):
     monkeypatch.setattr(placement_group_callback.ray, "get", lambda *a, **k: waited.append(a))
 
     class Cleaner:  # the one method the callback calls on Train's cleaner actor
-        class stop:  # noqa: N801 - mirrors an actor method's .remote()
+        class stop:  # lower case: it mirrors an actor method and its .remote()
             @staticmethod
             def remote():
                 sent.append("stop")
