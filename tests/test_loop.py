@@ -112,6 +112,7 @@ def test_two_worker_ddp_trainer_learns(ray_runtime, tmp_path, splits):
     assert result.metrics["val_acc"] > 0.4  # chance is 0.1
     assert load_checkpoint(result.checkpoint.path)["epoch"] == 3
 
+
 def test_trainer_leaves_no_placement_group_or_cleaner_behind(ray_runtime, tmp_path, splits):
     """LeNetTorchTrainer stops Train's placement-group cleaner without waiting for it: it must still go."""
     import time
