@@ -37,10 +37,9 @@ class SGD:
     def step(self) -> None:
         # The _foreach_ ops are the ones torch.optim.SGD's multi-tensor path runs: one call per
         # operation for all ten LeNet tensors, instead of ten.
-        params = [p for p in self.params if p.grad is not None]
-        if len(params) != len(self.params):
+        params, grads = self.params, [p.grad for p in self.params]
+        if any(g is None for g in grads):
             raise RuntimeError("every parameter needs a gradient before step() (a frozen layer is not supported)")
-        grads = [p.grad for p in params]
         if self.weight_decay:
             grads = torch._foreach_add(grads, params, alpha=self.weight_decay)
         if self.momentum:
