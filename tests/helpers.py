@@ -69,3 +69,24 @@ def trial_runs(runs):
 
 def steps(client, run, key="val_acc"):
     return [m.step for m in client.get_metric_history(run.info.run_id, key)]
+
+
+def finished_sweep(uri: str, sweep: str, trials: int, epochs: int):
+    """(client, parent, trial runs) of a sweep that finished whole: one FINISHED parent, `trials`
+    FINISHED trial runs with distinct trial ids, each with one val_acc point per epoch 1..epochs."""
+    client, runs = runs_of(uri, sweep)
+    parents, kids = parent_runs(runs), trial_runs(runs)
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert len(kids) == trials and len({k.data.tags["trial_id"] for k in kids}) == trials
+    for kid in kids:
+        assert kid.info.status == "FINISHED", kid.data.tags["trial_id"]
+        assert steps(client, kid) == list(range(1, epochs + 1)), kid.data.tags["trial_id"]
+    return client, parents[0], kids
+
+
+def write_config(folder, images: int, name: str = "sweep.yaml") -> str:
+    """A sweep file: `images` synthetic training images, batches of 64 (big enough data that an
+    epoch lasts a second or more where the tests need trials to overlap or be caught mid-run)."""
+    path = folder / name
+    path.write_text(f"data: {{source: synthetic, synthetic_train_images: {images}}}\nspace: {{batch_sizes: [64]}}\n")
+    return str(path)

@@ -13,19 +13,11 @@ import time
 import mlflow
 import pytest
 import requests
-from helpers import LENET_TUNE, parent_runs, runs_of, steps, trial_runs
+from helpers import LENET_TUNE, finished_sweep, parent_runs, runs_of, steps, trial_runs, write_config
 
 from jobs.cli import main
 from jobs.cluster import MLFLOW_ENV, LocalCluster, mlflow_command, start_process, stop_processes
 from jobs.runtime import free_port
-
-
-def write_config(folder, images: int) -> str:
-    """A sweep file with synthetic data big enough that an epoch lasts a second or more."""
-    path = folder / "faults.yaml"
-    path.write_text(f"data: {{source: synthetic, synthetic_train_images: {images}}}\n"
-                    "space: {batch_sizes: [64]}\n")
-    return str(path)
 
 
 def test_killed_training_worker_resumes_with_one_point_per_epoch(ray_runtime, tmp_path):
@@ -49,7 +41,7 @@ def test_killed_training_worker_resumes_with_one_point_per_epoch(ray_runtime, tm
 
     watcher = threading.Thread(target=kill_a_worker_mid_trial, daemon=True)
     watcher.start()
-    code = main(["train", "--config", write_config(tmp_path, 20000), "--epochs", "6", "--batch-size", "64",
+    code = main(["train", "--config", write_config(tmp_path, 20000, "faults.yaml"), "--epochs", "6", "--batch-size", "64",
                  "--trial-runner", "torchtrainer", "--name", "kill-worker", "--tracking-uri", uri,
                  "--storage-path", str(tmp_path / "results")])
     watcher.join(timeout=5)
@@ -63,7 +55,7 @@ def test_killed_training_worker_resumes_with_one_point_per_epoch(ray_runtime, tm
 
 
 def start_sweep(tmp_path, uri, name, *extra):
-    command = [LENET_TUNE, "tune", "--config", write_config(tmp_path, 8000), "--num-samples", "4",
+    command = [LENET_TUNE, "tune", "--config", write_config(tmp_path, 8000, "faults.yaml"), "--num-samples", "4",
                "--epochs", "4", "--scheduler", "fifo", "--name", name, "--tracking-uri", uri,
                "--storage-path", str(tmp_path / "results"), *extra]
     log = open(tmp_path / f"{name}.log", "w")
@@ -106,13 +98,8 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(ray_runtime
                               "--storage-path", str(tmp_path / "results")],
                              capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    client, runs = runs_of(uri, name)
-    parents = parent_runs(runs)
-    assert len(parents) == 1 and parents[0].info.status == "FINISHED"  # the same parent, continued
-    kids = trial_runs(runs)
-    assert len(kids) == 4 and len({k.data.tags["trial_id"] for k in kids}) == 4
+    client, _, kids = finished_sweep(uri, name, trials=4, epochs=4)  # the same parent, continued
     for kid in kids:
-        assert steps(client, kid) == [1, 2, 3, 4], kid.data.tags["trial_id"]
         if kid.data.tags["trial_id"] in before:  # finished before the interruption: not run again
             after = client.get_metric_history(kid.info.run_id, "val_acc")
             assert [(m.step, m.value, m.timestamp) for m in after] == \
@@ -200,14 +187,10 @@ def test_tracking_server_dying_mid_sweep_loses_no_result(ray_runtime, tmp_path):
                                   "--storage-path", str(tmp_path / "results")],
                                  capture_output=True, text=True, timeout=600)
         assert resumed.returncode == 0, resumed.stderr[-3000:]
-        client, runs = runs_of(uri, "outage")
-        parents = parent_runs(runs)
-        assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+        # Every epoch logged before the outage or back-filled from Ray's results, once.
+        client, _, _ = finished_sweep(uri, "outage", trials=4, epochs=4)
         assert client.get_model_version_by_alias("lenet-cifar10", "champion")
         assert "epoch(s) that MLflow had missed" in resumed.stdout
-        for kid in trial_runs(runs):  # logged before the outage or back-filled from Ray's results, once
-            assert steps(client, kid) == [1, 2, 3, 4], kid.data.tags["trial_id"]
-            assert kid.info.status == "FINISHED"
     finally:
         if driver is not None and driver.poll() is None:
             os.killpg(driver.pid, signal.SIGKILL)

@@ -24,13 +24,14 @@ from pathlib import Path
 
 import pytest
 import requests
-from helpers import (LENET_TUNE, LOOPBACK, distinct_free_ports, listening_addresses, parent_runs, runs_of, steps,
-                     trial_runs)
+from helpers import (LENET_TUNE, LOOPBACK, distinct_free_ports, finished_sweep, listening_addresses, runs_of, steps,
+                     trial_runs, write_config)
 
 from jobs.cluster import (
     CLUSTER_ENV,
     MLFLOW_ENV,
     LocalCluster,
+    _stat,
     alive,
     mlflow_command,
     process_tree,
@@ -60,12 +61,6 @@ def cmdline(pid: int) -> list[str]:
         return Path(f"/proc/{pid}/cmdline").read_text().split("\0")
     except OSError:
         return []
-
-
-def start_time(pid: int) -> int:
-    """The process's start time in clock ticks since boot (field 22 of /proc/PID/stat)."""
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    return int(stat[stat.rindex(")") + 2:].split()[19])
 
 
 def tree(part: dict) -> dict[int, int]:
@@ -159,7 +154,7 @@ class NodeCluster:
         with open(self.root / "logs" / "driver.log", "ab") as log:
             driver = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                       env=env, start_new_session=True, cwd=self.root)
-        self.parts.append({"pid": driver.pid, "started": start_time(driver.pid)})
+        self.parts.append({"pid": driver.pid, "started": _stat(driver.pid)[2]})
         return driver
 
     def signal_node(self, name: str, sig: signal.Signals) -> dict[int, int]:
@@ -201,13 +196,6 @@ def cluster(tmp_path):
         for temp_dir in nodes.temp_dirs:
             shutil.rmtree(temp_dir, ignore_errors=True)
         assert not survivors, f"processes left running: {survivors}"
-
-
-def write_config(folder: Path) -> str:
-    """Synthetic data big enough that an epoch takes a second or two on one core."""
-    path = folder / "node-lost.yaml"
-    path.write_text("data: {source: synthetic, synthetic_train_images: 12000}\nspace: {batch_sizes: [64]}\n")
-    return str(path)
 
 
 def reported(results: Path) -> dict[str, list[dict]]:
@@ -259,7 +247,7 @@ def test_sweep_survives_losing_a_node(cluster, tmp_path, how):
     results = tmp_path / "results" / SWEEP
     driver_log = tmp_path / "logs" / "driver.log"
     driver = cluster.start_driver(
-        [LENET_TUNE, "tune", "--config", write_config(tmp_path), "--num-samples", str(TRIALS), "--epochs",
+        [LENET_TUNE, "tune", "--config", write_config(tmp_path, 12000, "node-lost.yaml"), "--num-samples", str(TRIALS), "--epochs",
          str(EPOCHS), "--scheduler", "fifo", "--seed", "1", "--name", SWEEP, "--tracking-uri", cluster.tracking_uri,
          "--storage-path", str(tmp_path / "results")],
         # The results folder is one disk that every node shares, as check_multinode asks a user to vouch.
@@ -302,15 +290,9 @@ def test_sweep_survives_losing_a_node(cluster, tmp_path, how):
     wait_until_dead(cluster, lost_node, lost_at)
 
     # MLflow: the sweep's parent finished, one finished child per trial, one point per epoch.
-    client, runs = runs_of(cluster.tracking_uri, SWEEP)
-    parents, kids = parent_runs(runs), trial_runs(runs)
-    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
-    assert len(kids) == TRIALS and len({k.data.tags["trial_id"] for k in kids}) == TRIALS
+    _, _, kids = finished_sweep(cluster.tracking_uri, SWEEP, TRIALS, EPOCHS)
     assert trial_id in {k.data.tags["trial_id"] for k in kids}
-    for kid in kids:
-        assert kid.info.status == "FINISHED", kid.data.tags["trial_id"]
-        assert steps(client, kid) == list(range(1, EPOCHS + 1)), kid.data.tags["trial_id"]
-        assert kid.data.tags["epochs_run"] == str(EPOCHS)
+    assert all(kid.data.tags["epochs_run"] == str(EPOCHS) for kid in kids)
 
     # Ray: the lost trial reported its first epochs from the lost node, then carried on from its
     # latest checkpoint (not from scratch) in a new process on the surviving node.
