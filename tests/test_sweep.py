@@ -144,6 +144,9 @@ def test_backfill_relogs_epochs_mlflow_missed_from_ray_results(sweep, tmp_path):
         assert [(m.step, m.value) for m in gappy.get_metric_history(kid.info.run_id, "val_acc")] == \
             full[kid.info.run_id]
     assert gappy.get_run(victim).info.status == "FINISHED"
+    ended = {k.info.run_id: gappy.get_run(k.info.run_id).info.end_time for k in kids}
     fresh = TrialLogger(gappy_uri, experiment.experiment_id, parent.info.run_id, lambda c: {}, {}, 2)
     assert fresh.backfill(results) == 0  # nothing missing: nothing logged twice
+    # ... and no finished run reopened and finished again (its end time kept).
+    assert {k.info.run_id: gappy.get_run(k.info.run_id).info.end_time for k in kids} == ended
     assert len(child_runs(gappy, experiment.experiment_id, parent.info.run_id)) == 3

@@ -155,7 +155,9 @@ class TrialLogger(tune.Callback):
     def client(self) -> MlflowClient:
         return MlflowClient(self.tracking_uri)
 
-    def run_id_for(self, trial) -> str:
+    def run_id_for(self, trial, reopen: bool = False) -> str:
+        """The trial's MLflow run: created at its first sight, or found again in a resumed sweep
+        (and marked RUNNING again when `reopen`: Tune is starting the trial, not just reporting it)."""
         if trial.trial_id in self.run_ids:
             return self.run_ids[trial.trial_id]
         client = self.client
@@ -164,7 +166,8 @@ class TrialLogger(tune.Callback):
             run_id = existing.info.run_id
             history = client.get_metric_history(run_id, "val_acc")
             self.logged_epochs[trial.trial_id] = {int(m.step) for m in history}
-            client.update_run(run_id, status="RUNNING")
+            if reopen:
+                client.update_run(run_id, status="RUNNING")
         else:
             tags = {**self.tags, "trial_id": trial.trial_id, "mlflow.runName": f"trial-{trial.trial_id}"}
             if self.parent_run_id:
@@ -178,7 +181,7 @@ class TrialLogger(tune.Callback):
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self.started_at[trial.trial_id] = time.time()
-        self._safely(self.run_id_for, trial)
+        self._safely(self.run_id_for, trial, True)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         self._safely(self._log_result, trial, result)
@@ -247,6 +250,7 @@ class TrialLogger(tune.Callback):
             for row in rows:
                 self._log_result(trial, row)
             missed = len(self.logged_epochs[trial.trial_id]) - before
+            # A run still RUNNING never heard its trial end (MLflow was down, or the driver died).
             if missed or self.client.get_run(run_id).info.status == "RUNNING":
                 self._finish(trial, "FAILED" if result.error else "FINISHED")
             added += missed
