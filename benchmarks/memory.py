@@ -162,9 +162,9 @@ def after_malloc_trim() -> dict:
     """rollup() once glibc has handed its free heap pages back (malloc_trim(0)): a diagnostic of how
     much of a process's private memory is freed-but-kept malloc space rather than live data. Call it
     last: it changes the process it measures."""
-    import ctypes
+    from trainables.loop import release_freed_memory
 
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    release_freed_memory()
     return rollup()
 
 

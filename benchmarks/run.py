@@ -97,13 +97,11 @@ def others_load(into: dict):
 # ---------------------------------------------------------------- 1. throughput
 
 
-def product_images_per_second(images, labels, threads: int, augment: str, nchw: bool = False) -> float:
+def product_images_per_second(images, labels, threads: int, augment: str) -> float:
     """One epoch of the product's train_epoch (its HyperParams and optimiser), in images/s."""
     hp = HyperParams(augment=augment)
     torch.manual_seed(hp.seed)
     model = LeNet(hp.dilation, hp.padding)
-    if nchw:  # what-if: plain NCHW memory, the layout the product stored before channels-last
-        images = images.contiguous()
     optimizer = build_optimizer(model, hp)
     with torch_threads(threads):
         start = time.perf_counter()
@@ -119,15 +117,18 @@ def throughput(images, labels, threads_list=(1, 2), repeats: int = 5) -> dict:
     barrier, so short epochs, repeated, find the quiet moments; every sample is kept.
     """
     product_images_per_second(images[:1280], labels[:1280], 1, "none")  # warm oneDNN up
+    # What-if: plain NCHW memory, the layout the product stored before channels-last (copied once).
+    layouts = {"channels_last": images, "nchw": images.contiguous()}
     rows = {}
     for threads in threads_list:
         samples, load = defaultdict(list), {}
         with other_cpu_load(load):
             for _ in range(repeats):
                 samples["plain"].append(plain_loop(images, labels, 1, threads=threads)["images_per_second"])
-                for key, augment, layout in (("product_none", "none", False), ("product_flip", "flip", False),
-                                             ("product_none_nchw", "none", True)):
-                    samples[key].append(product_images_per_second(images, labels, threads, augment, layout))
+                for key, augment, layout in (("product_none", "none", "channels_last"),
+                                             ("product_flip", "flip", "channels_last"),
+                                             ("product_none_nchw", "none", "nchw")):
+                    samples[key].append(product_images_per_second(layouts[layout], labels, threads, augment))
         best = {key: max(values) for key, values in samples.items()}
         rows[f"{threads}_threads"] = {
             "threads": threads, "images": len(labels), **best,
@@ -417,11 +418,11 @@ def placement_and_memory(splits, scratch: Path, cluster: dict) -> dict:
     data_ref = ray.put(splits)
     shapes = trials_memory(data_ref, scratch)
     for shape in shapes.values():
-        cpus = shape["cpus_per_worker"] = shape["cpus_per_trial"]  # in-trial runner: one worker per trial
+        cpus = shape["cpus_per_trial"]  # in-trial runner: one worker per trial
         shape["max_concurrent_trials"] = max_concurrent_trials(cluster, 1, cpus, 0)
     return {"shapes": shapes, "worker_floor": worker_floor(data_ref), "dataset_mb": dataset_mb(splits),
             **extra_trial(shapes),
-            "threads_equal_cpus": all(set(s["torch_threads"]) == {s["cpus_per_worker"]} for s in shapes.values())}
+            "threads_equal_cpus": all(set(s["torch_threads"]) == {s["cpus_per_trial"]} for s in shapes.values())}
 
 
 # ---------------------------------------------------------------- optional: the default sweep
@@ -496,7 +497,7 @@ def markdown(results: dict) -> str:
                     f"| blitz {blitz_text} | {ratio_text} | >= 10x | {verdict(ok)} |")
     if "placement_and_memory" in results:
         pm = results["placement_and_memory"]
-        threads = ", ".join(f"{s['cpus_per_worker']} CPU -> {s['torch_threads']}" for s in pm["shapes"].values())
+        threads = ", ".join(f"{s['cpus_per_trial']} CPU -> {s['torch_threads']}" for s in pm["shapes"].values())
         rows.append(f"| 4 | torch threads in a trial = its CPUs | {threads} | - | - | equal | "
                     f"{verdict(pm['threads_equal_cpus'])} |")
         placed = [f"{s['runner']}: {s['cpus_in_use']}" for s in results.get("overhead", [])]
@@ -569,7 +570,7 @@ def details(results: dict) -> list[str]:
                  "| trials x CPUs | torch threads | max concurrent (max_concurrent_trials) | USS sum MB | USS max MB "
                  "| RSS max MB | object store MB | data writeable in trial |", "|---|---|---:|---:|---:|---:|---:|---|"]
         for s in pm["shapes"].values():
-            rows.append(f"| {s['trials']} x {s['cpus_per_worker']} | {s['torch_threads']} | {s['max_concurrent_trials']} "
+            rows.append(f"| {s['trials']} x {s['cpus_per_trial']} | {s['torch_threads']} | {s['max_concurrent_trials']} "
                         f"| {s['uss_sum_mb']:.0f} | {s['uss_max_mb']:.0f} | {s['rss_max_mb']:.0f} "
                         f"| {s['object_store_mb']:.0f} | {bool(s['data_writeable'])} |")
         floor = pm["worker_floor"]

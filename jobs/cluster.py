@@ -256,7 +256,9 @@ def cluster_resources(dashboard_url: str, wait: float = 30) -> dict:
             reply = requests.get(f"{dashboard_url}/api/v0/nodes", headers=headers, timeout=10)
             totals: dict[str, float] = {}
             for node in reply.json()["data"]["result"]["result"]:
-                for name, value in node["resources_total"].items() if node["state"] == "ALIVE" else ():
+                if node["state"] != "ALIVE":
+                    continue
+                for name, value in node["resources_total"].items():
                     if not name.startswith(("node:", "accelerator")):
                         totals[name] = totals.get(name, 0) + value
             if totals:
