@@ -24,7 +24,8 @@ import torch
 
 from jobs.runtime import UsageError
 from trainables.config import TrackingConfig
-from trainables.data import as_nchw, decode_image
+from trainables.data import decode_image
+from trainables.evaluation import model_input
 
 DEFAULT_MODEL = "models:/lenet-cifar10@champion"
 DEFAULT_TOP = 3
@@ -71,10 +72,9 @@ def predict_images(paths, model_uri: str = DEFAULT_MODEL, top_k: int = DEFAULT_T
             what = "is a directory" if os.path.isdir(path) else "does not exist"
             raise UsageError(f"image {path} {what}: pass paths of image files")
     decoded = np.stack([decode_image(path) for path in paths])  # (N, 32, 32, 3) uint8; DataError if corrupt
-    pixels = as_nchw(decoded)  # the model takes (N, 3, 32, 32)
 
     model, classes = load_classifier(model_uri, TrackingConfig(tracking_uri=tracking_uri).resolved_uri())
-    probabilities = class_probabilities(model, pixels)  # (N, C)
+    probabilities = class_probabilities(model, decoded)  # (N, C)
     if len(classes) != probabilities.shape[1]:  # a model logged without metadata: name classes by index
         classes = [f"class{i}" for i in range(probabilities.shape[1])]
     if top_k > len(classes):
@@ -114,11 +114,10 @@ def load_classifier(model_uri: str, tracking_uri: str):
 
 
 @torch.no_grad()
-def class_probabilities(model, pixels: torch.Tensor) -> np.ndarray:
-    """Softmax over the model's logits for uint8 (N, 3, 32, 32) pixels; (N, C) float64 rows summing to 1."""
+def class_probabilities(model, images: np.ndarray) -> np.ndarray:
+    """Softmax over the model's logits for uint8 (N, 32, 32, 3) images; (N, C) float64 rows summing to 1."""
     chunks = []
-    for start in range(0, len(pixels), BATCH_SIZE):
-        # Contiguous NCHW, the layout the exported (pt2) model was traced with.
-        batch = pixels[start:start + BATCH_SIZE].float().contiguous()  # (B, 3, 32, 32), 0..255
+    for start in range(0, len(images), BATCH_SIZE):
+        batch = model_input(images[start:start + BATCH_SIZE])  # (B, 3, 32, 32), 0..255
         chunks.append(torch.softmax(model(batch).double(), dim=1).numpy())  # (B, C)
     return np.concatenate(chunks)

@@ -35,6 +35,12 @@ def serving_model(state: dict) -> ServingLeNet:
 
 
 @torch.no_grad()
+def model_input(images_u8: np.ndarray) -> torch.Tensor:
+    """(N, 32, 32, 3) uint8 -> (N, 3, 32, 32) float 0..255, contiguous NCHW: the layout the
+    exported (pt2) serving model was traced with."""
+    return as_nchw(np.asarray(images_u8)).float().contiguous()
+
+
 def confusion_matrix(model: nn.Module, images: np.ndarray, labels: np.ndarray,
                      num_classes: int = 10, batch_size: int = 1000) -> np.ndarray:
     """(true, predicted) counts of a ServingLeNet over uint8 images.
@@ -44,9 +50,7 @@ def confusion_matrix(model: nn.Module, images: np.ndarray, labels: np.ndarray,
     """
     counts = np.zeros((num_classes, num_classes), dtype=np.int64)
     for start in range(0, len(labels), batch_size):
-        # Contiguous NCHW, the layout the exported (pt2) model was traced with.
-        pixels = as_nchw(np.asarray(images[start:start + batch_size])).float().contiguous()
-        predicted = model(pixels).argmax(1).numpy()
+        predicted = model(model_input(images[start:start + batch_size])).argmax(1).numpy()
         np.add.at(counts, (labels[start:start + batch_size], predicted), 1)
     return counts
 

@@ -25,8 +25,8 @@ from mlflow.tracking import MlflowClient
 from ray import tune
 
 from trainables.config import redact
-from trainables.data import Splits, as_nchw
-from trainables.evaluation import confusion_matrix, plot_confusion, serving_model, summarize
+from trainables.data import Splits
+from trainables.evaluation import confusion_matrix, model_input, plot_confusion, serving_model, summarize
 
 EPOCH_METRICS = ("train_loss", "val_loss", "val_acc", "epoch_seconds", "images_per_second")
 CHAMPION_ALIAS = "champion"
@@ -281,9 +281,10 @@ def log_champion(run_id: str, checkpoint_state: dict, splits: Splits, model_name
     model = serving_model(checkpoint_state)
     confusion = confusion_matrix(model, splits.test_images, splits.test_labels, len(splits.classes))
     summary = summarize(confusion, splits.classes)
-    example = as_nchw(splits.test_images[:4]).float().contiguous().numpy()  # (4, 3, 32, 32) raw pixels
+    example_pixels = model_input(splits.test_images[:4])  # (4, 3, 32, 32) raw pixels
+    example = example_pixels.numpy()
     with torch.no_grad():
-        example_logits = model(torch.as_tensor(example)).numpy()
+        example_logits = model(example_pixels).numpy()
     with mlflow.start_run(run_id=run_id):
         mlflow.log_metric("test_acc", summary["test_acc"])
         mlflow.log_metrics({f"test_acc_{name}": acc for name, acc in summary["per_class_acc"].items()})
