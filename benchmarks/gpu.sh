@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GPU checks for lenet-tune, on one machine with an NVIDIA GPU (about 3-5 minutes):
-#   1. images/s of one trial's loop on the GPU (data held on the device, bf16 autocast,
-#      channels-last: trainables/loop.py), at batch 128 and 512;
+#   1. images/s of one trial's loop on the GPU (data held on the device, float32, NCHW:
+#      trainables/loop.py) at batch 128 and 512, beside a plain float32 GPU loop on the
+#      same data, and with bf16 autocast / channels-last turned on to show what each would buy;
 #   2. how many trials pack on one GPU: a FIFO sweep of $TRIALS one-worker trials with
 #      --gpus-per-worker $GPU_SHARE, timed per trial from MLflow;
 #   3. GPU utilisation and memory during that sweep (nvidia-smi every second, in the background).
@@ -37,37 +38,85 @@ echo "data: $DATA; results: $OUT"
 
 # ---------------------------------------------------------------- 1. one trial's loop on the GPU
 "$PYTHON" - <<'EOF'
-import json, os, time
+import contextlib, json, os, time
 
 import torch
+import torch.nn.functional as F
 
 from trainables.config import DataConfig, HyperParams
-from trainables.data import as_nchw, load_splits
-from trainables.loop import build_optimizer, train_epoch
+from trainables.data import load_splits
+from trainables.loop import _as_tensors, build_optimizer, train_epoch
 from trainables.model import LeNet
 
 source = os.environ["DATA"]
-config = DataConfig(source=source, synthetic_train_images=int(os.environ["SYNTHETIC_IMAGES"]))
-splits = load_splits(config)
+splits = load_splits(DataConfig(source=source, synthetic_train_images=int(os.environ["SYNTHETIC_IMAGES"])))
 device = torch.device("cuda")
-# As `fit` does on CUDA: the whole uint8 training set on the device, batches cut there.
-images = as_nchw(splits.train_images).to(device)  # (N, 3, 32, 32), channels-last, as fit() holds it
-labels = torch.as_tensor(splits.train_labels).to(device)
-results = {"device": torch.cuda.get_device_name(), "train_images": len(labels), "data": source}
+# As `fit` holds them on CUDA: the whole uint8 training set on the device (NCHW); batches cut there.
+images, labels = _as_tensors(splits.train_images, splits.train_labels, device)
+TIMED_EPOCHS = 2
+
+
+def images_per_second(run_epoch, batch_size: int) -> float:
+    run_epoch(1)  # warm-up: cuDNN plans, the caching allocator
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for epoch in range(2, 2 + TIMED_EPOCHS):
+        run_epoch(epoch)
+    torch.cuda.synchronize()
+    return TIMED_EPOCHS * (len(labels) // batch_size) * batch_size / (time.perf_counter() - start)
+
+
+def product(batch_size: int, augment: str, bf16: bool = False, channels_last: bool = False) -> float:
+    """trainables.loop.train_epoch on the data as fit() holds it (float32, NCHW); the what-ifs turn on
+    bf16 autocast or channels-last memory, which the product leaves off because they measured slower."""
+    hp = HyperParams(batch_size=batch_size, augment=augment, epochs=1 + TIMED_EPOCHS)
+    torch.manual_seed(hp.seed)
+    model = LeNet(hp.dilation, hp.padding).to(device)
+    x = images
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        x = images.contiguous(memory_format=torch.channels_last)
+    optimizer = build_optimizer(model, hp)
+    precision = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    with precision:
+        return images_per_second(lambda e: train_epoch(model, optimizer, x, labels, hp, e, batch_size), batch_size)
+
+
+def plain(batch_size: int) -> float:
+    """The baseline: the plain loop a person writes first on a GPU (float32, NCHW, torch.optim.SGD,
+    normalised per batch, no augmentation), from the same device-resident data."""
+    torch.manual_seed(0)
+    model = LeNet().to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    x_all = images
+    mean = torch.tensor([0.4914, 0.4822, 0.4465], device=device).view(1, 3, 1, 1) * 255
+    std = torch.tensor([0.2470, 0.2435, 0.2616], device=device).view(1, 3, 1, 1) * 255
+
+    def run_epoch(epoch: int) -> None:
+        order = torch.randperm(len(labels), device=device)
+        for i in range(len(labels) // batch_size):
+            idx = order[i * batch_size:(i + 1) * batch_size]
+            loss = F.cross_entropy(model((x_all[idx].float() - mean) / std), labels[idx])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+
+    return images_per_second(run_epoch, batch_size)
+
+
+results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "train_images": len(labels),
+           "data": source}
 for batch_size in (128, 512):
-    for augment in ("none", "flip"):
-        hp = HyperParams(batch_size=batch_size, augment=augment, epochs=4)
-        torch.manual_seed(hp.seed)
-        model = LeNet(hp.dilation, hp.padding).to(device).to(memory_format=torch.channels_last)
-        optimizer = build_optimizer(model, hp)  # the product's SGD, as fit() builds it
-        train_epoch(model, optimizer, images, labels, hp, 1, batch_size)  # warm-up: cuDNN plans, allocator
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        for epoch in range(2, 5):
-            train_epoch(model, optimizer, images, labels, hp, epoch, batch_size)
-        torch.cuda.synchronize()
-        seconds = time.perf_counter() - start
-        results[f"batch{batch_size}_{augment}_images_per_second"] = 3 * (len(labels) // batch_size) * batch_size / seconds
+    b = f"batch{batch_size}"
+    results[f"{b}_plain_fp32_images_per_second"] = plain(batch_size)
+    results[f"{b}_none_images_per_second"] = product(batch_size, "none")
+    results[f"{b}_flip_images_per_second"] = product(batch_size, "flip")
+    results[f"{b}_none_bf16_images_per_second"] = product(batch_size, "none", bf16=True)
+    results[f"{b}_none_channels_last_images_per_second"] = product(batch_size, "none", channels_last=True)
+    results[f"{b}_none_bf16_channels_last_images_per_second"] = product(batch_size, "none", bf16=True,
+                                                                        channels_last=True)
+    results[f"{b}_product_vs_plain"] = (results[f"{b}_none_images_per_second"]
+                                        / results[f"{b}_plain_fp32_images_per_second"])
 results["max_memory_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
 print(json.dumps(results, indent=2))
 with open(os.path.join(os.environ["OUT"], "single_trial.json"), "w") as f:
@@ -156,7 +205,10 @@ summary = {
 }
 json.dump(summary, open(os.path.join(out, "summary.json"), "w"), indent=2)
 print(f"\n| {single['device']} | value |\n|---|---:|")
-for key, value in {**{k: v for k, v in single.items() if k.endswith("per_second")}, **summary}.items():
-    print(f"| {key} | {value:,.1f} |" if isinstance(value, float) else f"| {key} | {value} |")
+for key, value in {**{k: v for k, v in single.items() if k.endswith(("per_second", "_vs_plain"))},
+                   **summary}.items():
+    if isinstance(value, float):  # ratios and shares with 3 figures, rates to one decimal
+        value = f"{value:,.1f}" if value >= 100 else f"{value:.3g}"
+    print(f"| {key} | {value} |")
 print(f"\nwrote {out}/summary.json, single_trial.json, gpu-utilisation.csv, sweep.log")
 EOF
