@@ -216,10 +216,9 @@ def _as_tensors(images, labels, device):
     """The split as (N, 3, 32, 32) uint8 and (N,) tensors on `device`, all of it: batches are cut there.
 
     A CPU reads the channels-last view in place (oneDNN's convolutions take it without a reorder).
-    A GPU gets one plain NCHW copy, in float32 without autocast: on an H200, LeNet trained at
-    66,800 images/s that way against 47,400 channels-last in bf16 (batch 128; 283k vs 182k at 512;
-    benchmarks/gpu.sh). Its 6- and 16-channel convolutions are too small for tensor cores to repay
-    the casts, and cuDNN's NCHW kernels beat its NHWC ones at this size.
+    A GPU gets one plain NCHW copy and trains in float32 without autocast: on an H200 (benchmarks/gpu.sh,
+    two runs) bf16 autocast was 16-47% slower at batch 128 and 512, since 6- and 16-channel convolutions
+    are too small for tensor cores to repay the casts, and channels-last ran from 4% faster to 17% slower.
     """
     x = as_nchw(images).to(device)
     if device.type == "cuda":
