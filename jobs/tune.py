@@ -6,9 +6,10 @@ On a laptop (Ray starts in this process; MLflow writes ./mlflow.db and ./mlartif
 On a Ray cluster, as a Ray Job (see `lenet-tune submit --help`):
     lenet-tune submit -- tune --data cifar10 --workers-per-trial 2 --gpus-per-worker 0.5
 
-Each Tune trial runs `trial_driver`, which builds the same TorchTrainer that
-`lenet-tune train` uses (Ray 2.60's Train V2 pattern) and forwards every epoch's
-metrics to Tune, where ASHA may stop it early.
+Each Tune trial runs `trial_driver`: a multi-worker trial builds the TorchTrainer that
+`lenet-tune train` uses too (Ray 2.60's Train V2 pattern); a one-worker trial trains the
+same loop in a child of the node's fork server. Either forwards every epoch's metrics to
+Tune, where ASHA may stop it early.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from trainables.data import load_splits
 from trainables.loop import load_checkpoint
 from trainables.model import geometry_error, valid_geometries
 from trainables.trainer import BEST_METRIC
+from trainables.forkserver import stop_fork_servers
 from trainables.trial import trial_driver, trial_hparams, uses_torchtrainer
 
 # The driver of a TorchTrainer trial holds no CPU, just this token amount of memory.
@@ -157,7 +159,10 @@ def run_sweep(sweep: SweepConfig, space: dict, base: HyperParams, data: DataConf
     else:
         tuner = make_tuner(trainable, space, sweep, base, resources, cluster, storage, logger)
     try:
-        results, interrupted = fit_noting_interrupts(tuner)
+        try:
+            results, interrupted = fit_noting_interrupts(tuner)
+        finally:
+            stop_fork_servers()  # the one-worker trials' fork servers, one per node, end with the sweep
         if interrupted:
             raise KeyboardInterrupt
         try:

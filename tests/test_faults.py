@@ -54,6 +54,55 @@ def test_killed_training_worker_resumes_with_one_point_per_epoch(ray_runtime, tm
     assert runs[0].data.tags["epochs_run"] == "6"
 
 
+@pytest.mark.parametrize("victim", ["training process", "trial process"])
+def test_killed_one_worker_trial_resumes_and_leaves_no_training_behind(ray_runtime, tmp_path, victim):
+    """A one-worker trial is a thin Tune process and the child of the node's fork server that trains.
+    Kill the child: the trial fails and Tune restarts it from its checkpoint. Kill the trial: its child
+    stops too (it must not keep the CPUs Tune gives the restarted trial), and the trial restarts."""
+    import ray
+    from ray.util.state import list_actors
+
+    from trainables.forkserver import SERVER_PREFIX
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    name = "kill-" + victim.split()[0]
+    killed = {}
+
+    def kill_mid_trial():
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            client, runs = runs_of(uri, name)
+            logged = steps(client, trial_runs(runs)[0]) if trial_runs(runs) else []
+            trials = list_actors(filters=[("state", "=", "ALIVE")])
+            trial = [a for a in trials if "ImplicitFunc" in a.class_name]
+            server = [a for a in trials if a.class_name == "ForkServer"]
+            children = ray.get(ray.get_actor(SERVER_PREFIX + server[0].node_id).children.remote()) if server else []
+            if len(logged) >= 2 and trial and len(children) == 1:
+                killed.update(epochs_logged=len(logged), child=children[0])
+                os.kill(children[0] if victim == "training process" else trial[0].pid, signal.SIGKILL)
+                gone_by = time.time() + 15
+                while os.path.exists(f"/proc/{children[0]}") and time.time() < gone_by:
+                    time.sleep(0.1)
+                killed["child_gone"] = not os.path.exists(f"/proc/{children[0]}")
+                return
+            time.sleep(0.3)
+
+    watcher = threading.Thread(target=kill_mid_trial, daemon=True)
+    watcher.start()
+    code = main(["train", "--config", write_config(tmp_path, 20000, "faults.yaml"), "--epochs", "6",
+                 "--batch-size", "64", "--name", name, "--tracking-uri", uri, "--storage-path", str(tmp_path / "results")])
+    watcher.join(timeout=5)
+    assert code == 0
+    assert killed, "the trial finished before it could be killed"
+    assert 2 <= killed["epochs_logged"] < 6
+    client, runs = runs_of(uri, name)
+    assert len(runs) == 1
+    assert steps(client, runs[0]) == [1, 2, 3, 4, 5, 6]  # resumed after the last checkpoint: no gaps, no repeats
+    assert killed["child_gone"]  # the old child ended (and was reaped) while the sweep went on
+    # The sweep's end stopped the fork server too.
+    assert not [a for a in list_actors(filters=[("state", "=", "ALIVE")]) if a.class_name == "ForkServer"]
+
+
 def start_sweep(tmp_path, uri, name, *extra):
     command = [LENET_TUNE, "tune", "--config", write_config(tmp_path, 8000, "faults.yaml"), "--num-samples", "4",
                "--epochs", "4", "--scheduler", "fifo", "--name", name, "--tracking-uri", uri,

@@ -1,8 +1,8 @@
 """The mechanisms behind the speed targets: threads per trial, one shared dataset, no oversubscription.
 
 benchmarks/run.py times them; these tests check that they are in place, with no
-timed asserts. Each trial here runs the product's own in-trial path
-(`train_in_tune_trial`), then reports what it saw from inside its process.
+timed asserts. Each trial here runs the product's own one-worker path (`trial_driver`:
+training in a child of the node's fork server), then the child reports what it saw.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from ray import cloudpickle, tune
 from jobs.runtime import UsageError, check_fits, max_concurrent_trials
 from trainables.config import DataConfig, HyperParams, Resources
 from trainables.data import load_splits
-from trainables.loop import train_in_tune_trial
-from trainables.trainer import worker_config
+from trainables.forkserver import train
+from trainables.trial import trial_driver
 
 # The trial function below lives in this test module, which Ray's workers cannot import.
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -37,18 +37,30 @@ def backing_file(address: int) -> str:
     return "unmapped"
 
 
-def probe_trial(config: dict, data_refs: list) -> None:
-    """The product's one-worker trial, then a report of threads and of where the data lives."""
-    hparams = HyperParams(epochs=1, batch_size=64)
-    train_in_tune_trial(worker_config(hparams, Resources(cpus_per_worker=config["cpus"]), data_refs[0]))
-    splits = ray.get(data_refs[0])
-    tune.report({
+# The probes below travel by value to the trial's processes: what they name at module level is
+# imported there too, so they import torch inside (the thin trial must not) and take plain dicts.
+
+
+def probe_child(job: dict, splits, report) -> None:
+    """In the forked child: the product's training, then what the child saw (threads, data)."""
+    import torch
+
+    train(job, splits, report)
+    report({
         "epoch": 2,  # after fit's epoch 1
         "torch_threads": torch.get_num_threads(),
-        "data_ref": data_refs[0].hex(),
         "data_writeable": bool(splits.train_images.flags.writeable),
         "data_mapping": backing_file(splits.train_images.ctypes.data),
-    })
+        "child_pid": os.getpid(),
+    }, None)
+
+
+def probe_trial(config: dict, base: dict, data_refs: list) -> None:
+    """The product's one-worker trial (a thin process; its child trains), then what the thin process imported."""
+    trial_driver({}, base, {"cpus_per_worker": config["cpus"], "gpus_per_worker": 0}, data_refs, "",
+                 torchtrainer=False, entry=probe_child)
+    tune.report({"epoch": 3, "data_ref": data_refs[0].hex(), "trial_pid": os.getpid(),
+                 "trial_imported_torch": "torch" in sys.modules})
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +70,7 @@ def probed(ray_runtime, tmp_path_factory):
     data_ref = ray.put(splits)
     trainable = tune.with_resources(
         # In a list, as jobs/tune.py does, so the trial gets the reference rather than the arrays.
-        tune.with_parameters(probe_trial, data_refs=[data_ref]),
+        tune.with_parameters(probe_trial, base=HyperParams(epochs=1, batch_size=64).model_dump(), data_refs=[data_ref]),
         lambda config: {"cpu": config["cpus"]},
     )
     grid = tune.Tuner(
@@ -67,13 +79,23 @@ def probed(ray_runtime, tmp_path_factory):
         run_config=tune.RunConfig(storage_path=str(tmp_path_factory.mktemp("mechanisms")), verbose=0),
     ).fit()
     assert not grid.errors, grid.errors
-    return {result.config["cpus"]: result.metrics for result in grid}, data_ref.hex()
+    # Each trial's two reports after fit's: the child's (epoch 2), then the thin trial's (epoch 3).
+    reports = {result.config["cpus"]: {**result.metrics_dataframe.set_index("epoch").loc[2].to_dict(),
+                                       **result.metrics} for result in grid}
+    return reports, data_ref.hex()
 
 
 @pytest.mark.parametrize("cpus", [1, 2])
 def test_torch_threads_in_a_trial_equal_its_cpus(probed, cpus):
     reports, _ = probed
     assert reports[cpus]["torch_threads"] == cpus
+
+
+def test_one_worker_trials_train_in_a_forked_child_and_import_no_torch_themselves(probed):
+    reports, _ = probed
+    for metrics in reports.values():
+        assert metrics["child_pid"] != metrics["trial_pid"]
+        assert metrics["trial_imported_torch"] is False  # the fork server imported it, once per node
 
 
 def test_trials_read_the_one_shared_copy_of_the_data(probed):
@@ -84,6 +106,21 @@ def test_trials_read_the_one_shared_copy_of_the_data(probed):
         # ...and reads it in place: read-only arrays mapped from the object store's shared memory.
         assert metrics["data_writeable"] is False
         assert "plasma" in metrics["data_mapping"], metrics["data_mapping"]  # e.g. /dev/shm/plasmaXis5Sd
+
+
+def test_an_idle_fork_server_ends_itself(ray_runtime):
+    """A sweep stops its fork servers at its end; one whose driver was killed outright ends itself once idle."""
+    import time
+
+    from trainables.forkserver import ForkServer
+
+    server = ForkServer.remote(idle_exit_s=0.5)
+    assert ray.get(server.children.remote()) == []
+    deadline = time.monotonic() + 60
+    with pytest.raises(ray.exceptions.RayActorError):
+        while time.monotonic() < deadline:
+            ray.get(server.children.remote())
+            time.sleep(0.2)
 
 
 CLUSTERS = [{"CPU": 2}, {"CPU": 3}, {"CPU": 16}, {"CPU": 16, "GPU": 1}, {"CPU": 8, "GPU": 4}, {"CPU": 64, "GPU": 8}]
@@ -112,13 +149,13 @@ def test_laptop_shapes():
         check_fits(two_cores, 1, 3, 0)  # could never be scheduled: refused, not left waiting
 
 
-def test_a_trial_process_imports_no_tracking_or_reporting_code():
-    """Tune imports a trial's function by module: that module must not pull in MLflow and friends
-    (each concurrent trial would pay their memory)."""
+def test_a_trial_process_imports_no_torch_tracking_or_reporting_code():
+    """Tune imports a trial's function by module: that module must not pull in torch, MLflow and
+    friends (each concurrent trial would pay their memory; the fork server holds torch)."""
     import subprocess
 
-    probe = ("import sys, trainables.trial; "
-             "print(sorted(m for m in ('mlflow', 'matplotlib', 'jobs.tune', 'trainables.tracking') if m in sys.modules))")
+    probe = ("import sys, trainables.trial, trainables.forkserver; print(sorted(m for m in "
+             "('mlflow', 'matplotlib', 'jobs.tune', 'trainables.tracking', 'torch') if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True)
     assert done.stdout.strip() == "[]"
 

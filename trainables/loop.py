@@ -251,26 +251,3 @@ def train_loop_per_worker(config: dict) -> None:
     fit(hp, splits, device, report, resume_state, rank, world_size,
         # 5. Ray Train moves the model to the device and wraps it in DDP when world_size > 1.
         wrap_model=ray.train.torch.prepare_model)
-
-
-def train_in_tune_trial(config: dict) -> None:
-    """The single-worker path: the same `fit`, run inside the Tune trial itself.
-
-    A one-worker TorchTrainer buys nothing (no DDP) but costs seconds per trial to
-    start its controller and worker group; here the trial is the worker. Tune
-    keeps the checkpoints and restarts the trial from the latest on failure.
-    """
-    import ray
-    from ray import tune
-
-    hp = HyperParams(**config["hparams"])
-    torch.set_num_threads(config["cpus_per_worker"])
-    device = torch.device("cuda" if config["use_gpu"] else "cpu")  # Ray set CUDA_VISIBLE_DEVICES
-    splits = ray.get(config["data_ref"])
-    resume_state = _resume_state(tune.get_checkpoint(), device)
-
-    def report(metrics: dict, checkpoint_dir: str | None) -> None:
-        saved = tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
-        tune.report(metrics, checkpoint=saved)
-
-    fit(hp, splits, device, report, resume_state)

@@ -1,18 +1,21 @@
 """What runs inside one Tune trial: its hyperparameters, and the trainer or loop that trains them.
 
-Kept apart from jobs/tune.py so that a trial's process imports only Ray, torch and
-the trainables, not the driver's MLflow, pandas and report code (about 36 MB less
-resident memory per concurrent trial).
+Kept apart from jobs/tune.py so that a trial's process imports only what it runs. A one-worker
+trial imports Ray and Tune alone: its training runs in a child of the node's fork server
+(trainables/forkserver.py), which imported torch once for every trial. The MLflow, pandas and
+report code of the driver, and torch, stay out of it: every import is resident memory in each
+concurrent trial.
 """
 
 from __future__ import annotations
 
-from ray import tune
-from ray.tune.integration.ray_train import TuneReportCallback
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-from trainables.config import HyperParams, Resources, SweepConfig
-from trainables.loop import train_in_tune_trial
-from trainables.trainer import build_trainer, worker_config
+from ray import tune
+
+if TYPE_CHECKING:
+    from trainables.config import HyperParams, Resources, SweepConfig
 
 # The knobs a trial's config may carry; everything else comes from the base HyperParams.
 SAMPLED_KEYS = ("lr", "batch_size", "momentum", "augment", "geometry")
@@ -33,14 +36,24 @@ def uses_torchtrainer(sweep: SweepConfig, resources: Resources) -> bool:
 
 
 def trial_driver(config: dict, base: dict, resources: dict, data_refs: list, trainer_storage: str,
-                 torchtrainer: bool) -> None:
-    """One Tune trial: the shared TorchTrainer (or, for one worker, the same loop in-trial)."""
-    hparams = trial_hparams(HyperParams(**base), config)
+                 torchtrainer: bool, entry: Callable | None = None) -> None:
+    """One Tune trial: the shared TorchTrainer, or for one worker the same loop in a forked child.
+
+    `entry(job, splits, report)` replaces what the child runs (trainables.forkserver.train): the
+    benchmarks and tests wrap it to look inside the child."""
     if not torchtrainer:
-        train_in_tune_trial(worker_config(hparams, Resources(**resources), data_refs[0]))
+        from trainables.forkserver import run_trial_in_fork
+
+        run_trial_in_fork({"config": config, "base": base, "cpus": resources["cpus_per_worker"],
+                           "use_gpu": resources["gpus_per_worker"] > 0}, data_refs, entry)
         return
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from trainables.config import HyperParams, Resources
+    from trainables.trainer import build_trainer
+
     trainer = build_trainer(
-        hparams,
+        trial_hparams(HyperParams(**base), config),
         Resources(**resources),
         data_refs[0],
         # Trial ids are unique per sweep, so a restarted trial finds its own checkpoints.
