@@ -340,8 +340,7 @@ def trials_memory(data_ref, scratch: Path) -> dict:
     for trials, cpus in ((1, 2), (2, 1)):
         trainable = tune.with_resources(tune.with_parameters(
             measured_trial, base=HyperParams(epochs=1).model_dump(),
-            resources=Resources(cpus_per_worker=cpus).model_dump(), data_refs=[data_ref],
-            trainer_storage=str(scratch / "train"), torchtrainer=False), {"cpu": cpus})
+            resources=Resources(cpus_per_worker=cpus).model_dump(), data_refs=[data_ref]), {"cpu": cpus})
         sampler = TrialMemorySampler()
         sampler.start()
         started = time.perf_counter()

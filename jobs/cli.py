@@ -57,8 +57,9 @@ def add_common(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--experiment", help="MLflow experiment (default lenet-cifar10)")
     group.add_argument("--storage-path", help="Ray results and checkpoints (default $LENET_STORAGE_PATH or ./results)")
     group.add_argument("--trial-runner", choices=["auto", "torchtrainer"],
-                       help="auto: one-worker trials run the loop in the Tune trial, skipping "
-                            "TorchTrainer start-up; multi-worker trials always use TorchTrainer (default auto)")
+                       help="auto: one-worker trials run the loop in a child forked from one torch-holding "
+                            "process per node, skipping TorchTrainer start-up; multi-worker trials always use "
+                            "TorchTrainer (default auto)")
     group.add_argument("--config", metavar="FILE.yaml",
                        help="sweep file with sections sweep, space, hparams, resources, data, tracking "
                             "(examples in sweeps/); flags override it")

@@ -6,10 +6,10 @@ On a laptop (Ray starts in this process; MLflow writes ./mlflow.db and ./mlartif
 On a Ray cluster, as a Ray Job (see `lenet-tune submit --help`):
     lenet-tune submit -- tune --data cifar10 --workers-per-trial 2 --gpus-per-worker 0.5
 
-Each Tune trial runs `trial_driver`: a multi-worker trial builds the TorchTrainer that
-`lenet-tune train` uses too (Ray 2.60's Train V2 pattern); a one-worker trial trains the
-same loop in a child of the node's fork server. Either forwards every epoch's metrics to
-Tune, where ASHA may stop it early.
+A multi-worker trial runs `trainer_trial`, which builds the TorchTrainer that `lenet-tune
+train` uses too (Ray 2.60's Train V2 pattern); a one-worker trial runs `trial_driver`, which
+trains the same loop in a child of the node's fork server. Either forwards every epoch's
+metrics to Tune, where ASHA may stop it early.
 """
 
 from __future__ import annotations
@@ -40,8 +40,8 @@ from trainables.config import DataConfig, HyperParams, Resources, SearchSpace, S
 from trainables.data import load_splits
 from trainables.loop import load_checkpoint
 from trainables.model import geometry_error, valid_geometries
-from trainables.trainer import BEST_METRIC
 from trainables.forkserver import stop_fork_servers
+from trainables.trainer import BEST_METRIC, trainer_trial
 from trainables.trial import trial_driver, trial_hparams, uses_torchtrainer
 
 # The driver of a TorchTrainer trial holds no CPU, just this token amount of memory.
@@ -219,19 +219,17 @@ def fit_noting_interrupts(tuner: tune.Tuner):
 
 
 def make_trainable(sweep, base, resources, data_ref, sweep_dir):
-    """trial_driver with its constant arguments bound and its resources declared."""
-    torchtrainer = uses_torchtrainer(sweep, resources)
-    trainable = tune.with_parameters(
-        trial_driver, base=base.model_dump(), resources=resources.model_dump(), torchtrainer=torchtrainer,
-        # In a list, so with_parameters hands the trial the reference, not a copy of the data.
-        data_refs=[data_ref],
-        trainer_storage=os.path.join(sweep_dir, "train-runs"))
-    if torchtrainer:
+    """The trial function with its constant arguments bound and its resources declared."""
+    # The data in a list, so with_parameters hands the trial the reference, not a copy of the data.
+    bound = {"base": base.model_dump(), "resources": resources.model_dump(), "data_refs": [data_ref]}
+    if uses_torchtrainer(sweep, resources):
+        trainable = tune.with_parameters(trainer_trial, **bound, trainer_storage=os.path.join(sweep_dir, "train-runs"))
         # The driver only waits on its TorchTrainer: it holds no CPU or GPU (the workers do),
         # just a token amount of memory because Tune needs some resource to place it.
         return tune.with_resources(trainable, {"cpu": 0, "memory": DRIVER_MEMORY_BYTES})
-    # The trial is the worker.
-    return tune.with_resources(trainable, {"cpu": resources.cpus_per_worker, "gpu": resources.gpus_per_worker})
+    # The trial holds its worker's CPUs and GPU share; its forked child trains on them.
+    return tune.with_resources(tune.with_parameters(trial_driver, **bound),
+                               {"cpu": resources.cpus_per_worker, "gpu": resources.gpus_per_worker})
 
 
 def make_tuner(trainable, space, sweep, base, resources, cluster, storage, logger) -> tune.Tuner:

@@ -57,8 +57,7 @@ def probe_child(job: dict, splits, report) -> None:
 
 def probe_trial(config: dict, base: dict, data_refs: list) -> None:
     """The product's one-worker trial (a thin process; its child trains), then what the thin process imported."""
-    trial_driver({}, base, {"cpus_per_worker": config["cpus"], "gpus_per_worker": 0}, data_refs, "",
-                 torchtrainer=False, entry=probe_child)
+    trial_driver({}, base, {"cpus_per_worker": config["cpus"], "gpus_per_worker": 0}, data_refs, entry=probe_child)
     tune.report({"epoch": 3, "data_ref": data_refs[0].hex(), "trial_pid": os.getpid(),
                  "trial_imported_torch": "torch" in sys.modules})
 

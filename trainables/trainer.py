@@ -9,8 +9,12 @@ from ray.train.torch import TorchTrainer
 from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
 from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
 
+from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
+
 from trainables.config import HyperParams, Resources
 from trainables.loop import train_loop_per_worker
+from trainables.trial import trial_hparams
 
 BEST_METRIC = "val_acc"
 # Ray Train's controller polls its workers every 2 s by default, and a run's start and every
@@ -111,3 +115,21 @@ def build_trainer(
             callbacks=callbacks or [],
         ),
     )
+
+
+def trainer_trial(config: dict, base: dict, resources: dict, data_refs: list, trainer_storage: str) -> None:
+    """One Tune trial on the shared TorchTrainer (DDP, or --trial-runner torchtrainer).
+
+    Here rather than in trainables/trial.py, whose one-worker trials must not import torch: Tune
+    imports a trial function's module as it starts the trial's process, so torch and Ray Train
+    load then, not on the trial's clock."""
+    trainer = build_trainer(
+        trial_hparams(HyperParams(**base), config),
+        Resources(**resources),
+        data_refs[0],
+        # Trial ids are unique per sweep, so a restarted trial finds its own checkpoints.
+        name=tune.get_context().get_trial_id(),
+        storage_path=trainer_storage,
+        callbacks=[TuneReportCallback()],
+    )
+    trainer.fit()

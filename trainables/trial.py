@@ -1,4 +1,4 @@
-"""What runs inside one Tune trial: its hyperparameters, and the trainer or loop that trains them.
+"""What runs inside one Tune trial: its hyperparameters, and for one worker the loop that trains them.
 
 Kept apart from jobs/tune.py so that a trial's process imports only what it runs. A one-worker
 trial imports Ray and Tune alone: its training runs in a child of the node's fork server
@@ -35,30 +35,13 @@ def uses_torchtrainer(sweep: SweepConfig, resources: Resources) -> bool:
     return resources.workers_per_trial > 1 or sweep.trial_runner == "torchtrainer"
 
 
-def trial_driver(config: dict, base: dict, resources: dict, data_refs: list, trainer_storage: str,
-                 torchtrainer: bool, entry: Callable | None = None) -> None:
-    """One Tune trial: the shared TorchTrainer, or for one worker the same loop in a forked child.
+def trial_driver(config: dict, base: dict, resources: dict, data_refs: list, entry: Callable | None = None) -> None:
+    """One Tune trial of one worker: `fit` in a child forked from the node's fork server.
 
     `entry(job, splits, report)` replaces what the child runs (trainables.forkserver.train): the
-    benchmarks and tests wrap it to look inside the child."""
-    if not torchtrainer:
-        from trainables.forkserver import run_trial_in_fork
+    benchmarks and tests wrap it to look inside the child. Trials on a TorchTrainer (DDP, or
+    --trial-runner torchtrainer) run trainables.trainer.trainer_trial instead."""
+    from trainables.forkserver import run_trial_in_fork
 
-        run_trial_in_fork({"config": config, "base": base, "cpus": resources["cpus_per_worker"],
-                           "use_gpu": resources["gpus_per_worker"] > 0}, data_refs, entry)
-        return
-    from ray.tune.integration.ray_train import TuneReportCallback
-
-    from trainables.config import HyperParams, Resources
-    from trainables.trainer import build_trainer
-
-    trainer = build_trainer(
-        trial_hparams(HyperParams(**base), config),
-        Resources(**resources),
-        data_refs[0],
-        # Trial ids are unique per sweep, so a restarted trial finds its own checkpoints.
-        name=tune.get_context().get_trial_id(),
-        storage_path=trainer_storage,
-        callbacks=[TuneReportCallback()],
-    )
-    trainer.fit()
+    run_trial_in_fork({"config": config, "base": base, "cpus": resources["cpus_per_worker"],
+                       "use_gpu": resources["gpus_per_worker"] > 0}, data_refs, entry)
