@@ -40,7 +40,7 @@ from trainables.config import DataConfig, HyperParams, Resources, SearchSpace, S
 from trainables.data import load_splits
 from trainables.loop import load_checkpoint
 from trainables.model import geometry_error, valid_geometries
-from trainables.forkserver import stop_fork_servers
+from trainables.forkserver import start_fork_servers, stop_fork_servers
 from trainables.trainer import BEST_METRIC, trainer_trial
 from trainables.trial import trial_driver, trial_hparams, uses_torchtrainer
 
@@ -148,6 +148,8 @@ def run_sweep(sweep: SweepConfig, space: dict, base: HyperParams, data: DataConf
             **sweep.model_dump(), **scaling_params, **{f"space_{k}": v for k, v in space.items()},
             **{f"base_{k}": v for k, v in base.model_dump().items()}}, resolved)
 
+    if not uses_torchtrainer(sweep, resources):
+        start_fork_servers()  # they import torch while Tune starts up
     trainable = make_trainable(sweep, base, resources, data_ref, sweep_dir)
     logger = tracking.TrialLogger(
         tracking_uri, experiment_id, parent_run_id,
