@@ -19,6 +19,7 @@ reason kills its child, so no training outlives the trial that holds its CPUs.
 from __future__ import annotations
 
 import contextlib
+import gc
 import itertools
 import os
 import signal
@@ -47,8 +48,6 @@ class ForkServer:
     context exists to be inherited, so each child sets its own threads and device."""
 
     def __init__(self, idle_exit_s: float = IDLE_EXIT_S):
-        import gc
-
         # The point of this process: what every child runs, imported once and shared by them all.
         import torch  # noqa: F401
         import trainables.loop
@@ -227,6 +226,9 @@ def train(job: dict, splits, report: Callable) -> None:
 def _child_main(job: dict, splits, entry: Callable) -> None:
     code = 1
     try:
+        # Everything inherited stays uncollected: a Ray object finalised here would call into the
+        # server's Ray core worker, whose threads did not come along with the fork.
+        gc.freeze()
         server_pid = os.getppid()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.connect(job["address"])
