@@ -90,7 +90,8 @@ def test_killed_one_worker_trial_resumes_and_leaves_no_training_behind(ray_runti
     watcher = threading.Thread(target=kill_mid_trial, daemon=True)
     watcher.start()
     code = main(["train", "--config", write_config(tmp_path, 20000, "faults.yaml"), "--epochs", "6",
-                 "--batch-size", "64", "--name", name, "--tracking-uri", uri, "--storage-path", str(tmp_path / "results")])
+                 "--batch-size", "64", "--name", name, "--tracking-uri", uri,
+                 "--storage-path", str(tmp_path / "results")])
     watcher.join(timeout=5)
     assert code == 0
     assert killed, "the trial finished before it could be killed"

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import os
 
+from ray import tune
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
 from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
-
-from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from trainables.config import HyperParams, Resources

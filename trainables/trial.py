@@ -12,8 +12,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from ray import tune
-
 if TYPE_CHECKING:
     from trainables.config import HyperParams, Resources, SweepConfig
 
