@@ -4,9 +4,10 @@ A trial that imports torch itself pays 260-320 MB of private memory for it (torc
 registry and Python modules, and 104 MB of CUDA libraries' data even on a CPU), so each extra
 concurrent trial added about 395 MB. Here each node runs one `ForkServer` actor that imports torch
 and the loop once; every one-worker trial trains in a child forked from it, which shares those pages
-copy-on-write and writes only its own (about 15 MB after an epoch). The Tune trial stays a thin
-process (Ray and Tune, no torch) that holds the trial's CPUs and GPU share, hands the child its job
-and relays the child's epoch reports and checkpoints to Tune.
+copy-on-write and writes only its own (17-27 MB after an epoch), so an extra concurrent trial now
+adds about 140 MB (benchmarks/memory.py). The Tune trial stays a thin process (Ray and Tune, no
+torch) that holds the trial's CPUs and GPU share, hands the child its job and relays the child's
+epoch reports and checkpoints to Tune.
 
     Tune trial (thin; holds the CPUs/GPU) --start(job)--> ForkServer (one per node, 0 CPUs)
         ^  reports, checkpoints over a Unix socket            | fork()
@@ -157,6 +158,7 @@ def run_trial_in_fork(job: dict, data_refs: list, entry: Callable | None = None)
                "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
                "resume_dir": checkpoint.to_directory(os.path.join(folder, "resume")) if checkpoint else None}
         server, pid = _start_child(job, data_refs, entry)
+        finished = False
         try:
             listener.settimeout(CONNECT_TIMEOUT_S)
             try:
@@ -167,10 +169,12 @@ def run_trial_in_fork(job: dict, data_refs: list, entry: Callable | None = None)
             sock.settimeout(None)
             with Connection(sock.detach()) as conn:
                 _relay(conn, server, pid, tune)
+            finished = True  # the child said "done" and exits by itself
         finally:
             listener.close()
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)  # ended early (stopped, failed): its CPUs are no longer ours
+            if not finished:  # stopped or failed: the child must not keep the CPUs Tune hands on
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
 
 
 def _start_child(job: dict, data_refs: list, entry: Callable | None, attempts: int = 5):
