@@ -1,5 +1,7 @@
-"""Geometry: which (dilation, padding) pairs fit a 32px image, checked against Conv2d itself."""
+"""Geometry: which (dilation, padding) pairs fit a 32px image, checked against Conv2d itself; and how a
+served model is scored (the confusion matrix behind every test accuracy)."""
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -63,3 +65,21 @@ def test_invalid_geometry_names_values_and_fix():
     assert "dilation=3" in message and "padding=0" in message and "raise the padding" in message
     with pytest.raises(ValueError, match="dilation=4"):
         LeNet(dilation=4, padding=0)
+
+
+def test_confusion_matrix_counts_every_image_in_batches_without_autograd():
+    from trainables.evaluation import confusion_matrix
+
+    grad_enabled = []
+
+    class AlwaysFirstClass(torch.nn.Module):
+        def forward(self, x):
+            grad_enabled.append(torch.is_grad_enabled())
+            assert x.shape[1:] == (3, 32, 32) and x.dtype == torch.float32 and x.is_contiguous()
+            return torch.nn.functional.one_hot(torch.zeros(len(x), dtype=torch.long), 10).float()
+
+    labels = np.arange(25) % 10
+    images = np.zeros((25, 32, 32, 3), dtype=np.uint8)
+    counts = confusion_matrix(AlwaysFirstClass(), images, labels, batch_size=10)
+    assert counts[:, 0].tolist() == np.bincount(labels, minlength=10).tolist() and counts.sum() == 25
+    assert grad_enabled == [False, False, False]  # three batches, no autograd graph built for any

@@ -34,13 +34,13 @@ def serving_model(state: dict) -> ServingLeNet:
     return ServingLeNet(net).eval()
 
 
-@torch.no_grad()
 def model_input(images_u8: np.ndarray) -> torch.Tensor:
     """(N, 32, 32, 3) uint8 -> (N, 3, 32, 32) float 0..255, contiguous NCHW: the layout the
     exported (pt2) serving model was traced with."""
     return as_nchw(np.asarray(images_u8)).float().contiguous()
 
 
+@torch.no_grad()
 def confusion_matrix(model: nn.Module, images: np.ndarray, labels: np.ndarray,
                      num_classes: int = 10, batch_size: int = 1000) -> np.ndarray:
     """(true, predicted) counts of a ServingLeNet over uint8 images.
