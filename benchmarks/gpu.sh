@@ -45,14 +45,14 @@ import torch.nn.functional as F
 
 from trainables.config import DataConfig, HyperParams
 from trainables.data import load_splits
-from trainables.loop import _as_tensors, build_optimizer, train_epoch
+from trainables.loop import as_device_tensors, build_optimizer, train_epoch
 from trainables.model import LeNet
 
 source = os.environ["DATA"]
 splits = load_splits(DataConfig(source=source, synthetic_train_images=int(os.environ["SYNTHETIC_IMAGES"])))
 device = torch.device("cuda")
 # As `fit` holds them on CUDA: the whole uint8 training set on the device (NCHW); batches cut there.
-images, labels = _as_tensors(splits.train_images, splits.train_labels, device)
+images, labels = as_device_tensors(splits.train_images, splits.train_labels, device)
 TIMED_EPOCHS = 2
 
 

@@ -419,7 +419,7 @@ def placement_and_memory(splits, scratch: Path, cluster: dict) -> dict:
     data_ref = ray.put(splits)
     shapes = trials_memory(data_ref, scratch)
     for shape in shapes.values():
-        cpus = shape["cpus_per_trial"]  # in-trial runner: one worker per trial
+        cpus = shape["cpus_per_trial"]  # one-worker trials: a trial's CPUs are its worker's
         shape["max_concurrent_trials"] = max_concurrent_trials(cluster, 1, cpus, 0)
     return {"shapes": shapes, "worker_floor": worker_floor(data_ref), "dataset_mb": dataset_mb(splits),
             **extra_trial(shapes),

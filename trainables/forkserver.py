@@ -34,6 +34,7 @@ from collections.abc import Callable
 from multiprocessing.connection import Connection
 
 import ray
+from ray import tune
 
 SERVER_PREFIX = "lenet-forkserver-"
 CONNECT_TIMEOUT_S = 60  # from start() to the child's connection: a fork and a connect, normally milliseconds
@@ -145,8 +146,6 @@ def run_trial_in_fork(job: dict, data_refs: list, entry: Callable | None = None)
     `job` holds plain values (the trial's config, the base hyperparameters, its CPUs and whether it
     has a GPU); this adds where to connect, the trial's GPU and the checkpoint to resume from.
     """
-    from ray import tune
-
     with tempfile.TemporaryDirectory(prefix="lenet-trial-") as folder:  # mode 0700: only this user connects
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         address = os.path.join(folder, "socket")
@@ -168,7 +167,7 @@ def run_trial_in_fork(job: dict, data_refs: list, entry: Callable | None = None)
                                    f"(exit code {ray.get(server.exit_code.remote(pid, 0))})") from None
             sock.settimeout(None)
             with Connection(sock.detach()) as conn:
-                _relay(conn, server, pid, tune)
+                _relay(conn, server, pid)
             finished = True  # the child said "done" and exits by itself
         finally:
             listener.close()
@@ -189,7 +188,7 @@ def _start_child(job: dict, data_refs: list, entry: Callable | None, attempts: i
             time.sleep(1)  # it was ending (idle, or its sweep's end) as this trial came: the next call starts one
 
 
-def _relay(conn: Connection, server, pid: int, tune) -> None:
+def _relay(conn: Connection, server, pid: int) -> None:
     while True:
         try:
             message = conn.recv()

@@ -148,9 +148,9 @@ def fit(hp: HyperParams, splits: Splits, device: torch.device, report: ReportFn,
         optimizer.load_state_dict(resume_state["optimizer"])
         start_epoch = resume_state["epoch"] + 1
 
-    train_x, train_y = _as_tensors(splits.train_images, splits.train_labels, device)
+    train_x, train_y = as_device_tensors(splits.train_images, splits.train_labels, device)
     # Each worker scores its own slice of the validation split; sums are added up.
-    val_x, val_y = _as_tensors(splits.val_images[rank::world_size], splits.val_labels[rank::world_size], device)
+    val_x, val_y = as_device_tensors(splits.val_images[rank::world_size], splits.val_labels[rank::world_size], device)
     per_worker_batch = max(1, hp.batch_size // world_size)
     # Every worker takes the same number of whole batches (train_epoch's shards).
     images_seen = (len(train_y) // world_size // per_worker_batch) * per_worker_batch * world_size
@@ -212,7 +212,7 @@ def _unwrap(model):
     return model.module if hasattr(model, "module") else model
 
 
-def _as_tensors(images, labels, device):
+def as_device_tensors(images, labels, device):
     """The split as (N, 3, 32, 32) uint8 and (N,) tensors on `device`, all of it: batches are cut there.
 
     A CPU reads the channels-last view in place (oneDNN's convolutions take it without a reorder).
