@@ -20,38 +20,54 @@ from jobs.cluster import MLFLOW_ENV, LocalCluster, mlflow_command, start_process
 from jobs.runtime import free_port
 
 
-def test_killed_training_worker_resumes_with_one_point_per_epoch(ray_runtime, tmp_path):
-    from ray.util.state import list_actors
-
+def train_killing_a_process_mid_run(tmp_path, name: str, pick, *flags) -> tuple[dict, object]:
+    """`lenet-tune train` for 6 epochs; once 2 are in MLflow and `pick()` names a process ({"pid": ...},
+    optionally "watch": a pid that must end after the kill), SIGKILL it. The run must still end whole: one
+    MLflow run, one point per epoch. Returns what was killed (with "watch_gone") and the run."""
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     killed = {}
 
-    def kill_a_worker_mid_trial():
+    def kill_mid_run():
         deadline = time.time() + 300
         while time.time() < deadline:
-            client, runs = runs_of(uri, "kill-worker")
+            client, runs = runs_of(uri, name)
             logged = steps(client, trial_runs(runs)[0]) if trial_runs(runs) else []
-            workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
-            if len(logged) >= 2 and workers:
-                killed["epochs_logged"] = len(logged)
-                os.kill(workers[0].pid, signal.SIGKILL)
-                killed["pid"] = workers[0].pid
+            target = pick() if len(logged) >= 2 else None
+            if target:
+                killed.update(target, epochs_logged=len(logged))
+                os.kill(target["pid"], signal.SIGKILL)
+                if "watch" in target:
+                    gone_by = time.time() + 15
+                    while os.path.exists(f"/proc/{target['watch']}") and time.time() < gone_by:
+                        time.sleep(0.1)
+                    killed["watch_gone"] = not os.path.exists(f"/proc/{target['watch']}")
                 return
             time.sleep(0.3)
 
-    watcher = threading.Thread(target=kill_a_worker_mid_trial, daemon=True)
+    watcher = threading.Thread(target=kill_mid_run, daemon=True)
     watcher.start()
-    code = main(["train", "--config", write_config(tmp_path, 20000, "faults.yaml"), "--epochs", "6", "--batch-size", "64",
-                 "--trial-runner", "torchtrainer", "--name", "kill-worker", "--tracking-uri", uri,
-                 "--storage-path", str(tmp_path / "results")])
+    code = main(["train", "--config", write_config(tmp_path, 20000, "faults.yaml"), "--epochs", "6",
+                 "--batch-size", "64", "--name", name, "--tracking-uri", uri,
+                 "--storage-path", str(tmp_path / "results"), *flags])
     watcher.join(timeout=5)
     assert code == 0
-    assert killed, "the worker finished before it could be killed"
+    assert killed, "the run finished before its process could be killed"
     assert 2 <= killed["epochs_logged"] < 6
-    client, runs = runs_of(uri, "kill-worker")
+    client, runs = runs_of(uri, name)
     assert len(runs) == 1  # still exactly one MLflow run
-    assert steps(client, runs[0]) == [1, 2, 3, 4, 5, 6]  # no duplicate steps, no gaps
-    assert runs[0].data.tags["epochs_run"] == "6"
+    assert steps(client, runs[0]) == [1, 2, 3, 4, 5, 6]  # resumed from the last checkpoint: no gaps, no repeats
+    return killed, runs[0]
+
+
+def test_killed_training_worker_resumes_with_one_point_per_epoch(ray_runtime, tmp_path):
+    from ray.util.state import list_actors
+
+    def a_worker():
+        workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+        return {"pid": workers[0].pid} if workers else None
+
+    _, run = train_killing_a_process_mid_run(tmp_path, "kill-worker", a_worker, "--trial-runner", "torchtrainer")
+    assert run.data.tags["epochs_run"] == "6"
 
 
 @pytest.mark.parametrize("victim", ["training process", "trial process"])
@@ -64,42 +80,17 @@ def test_killed_one_worker_trial_resumes_and_leaves_no_training_behind(ray_runti
 
     from trainables.forkserver import SERVER_PREFIX
 
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    name = "kill-" + victim.split()[0]
-    killed = {}
+    def the_victim():
+        alive = list_actors(filters=[("state", "=", "ALIVE")])
+        trial = [a for a in alive if "ImplicitFunc" in a.class_name]
+        server = [a for a in alive if a.class_name == "ForkServer"]
+        children = ray.get(ray.get_actor(SERVER_PREFIX + server[0].node_id).children.remote()) if server else []
+        if not (trial and len(children) == 1):
+            return None
+        return {"pid": children[0] if victim == "training process" else trial[0].pid, "watch": children[0]}
 
-    def kill_mid_trial():
-        deadline = time.time() + 300
-        while time.time() < deadline:
-            client, runs = runs_of(uri, name)
-            logged = steps(client, trial_runs(runs)[0]) if trial_runs(runs) else []
-            trials = list_actors(filters=[("state", "=", "ALIVE")])
-            trial = [a for a in trials if "ImplicitFunc" in a.class_name]
-            server = [a for a in trials if a.class_name == "ForkServer"]
-            children = ray.get(ray.get_actor(SERVER_PREFIX + server[0].node_id).children.remote()) if server else []
-            if len(logged) >= 2 and trial and len(children) == 1:
-                killed.update(epochs_logged=len(logged), child=children[0])
-                os.kill(children[0] if victim == "training process" else trial[0].pid, signal.SIGKILL)
-                gone_by = time.time() + 15
-                while os.path.exists(f"/proc/{children[0]}") and time.time() < gone_by:
-                    time.sleep(0.1)
-                killed["child_gone"] = not os.path.exists(f"/proc/{children[0]}")
-                return
-            time.sleep(0.3)
-
-    watcher = threading.Thread(target=kill_mid_trial, daemon=True)
-    watcher.start()
-    code = main(["train", "--config", write_config(tmp_path, 20000, "faults.yaml"), "--epochs", "6",
-                 "--batch-size", "64", "--name", name, "--tracking-uri", uri,
-                 "--storage-path", str(tmp_path / "results")])
-    watcher.join(timeout=5)
-    assert code == 0
-    assert killed, "the trial finished before it could be killed"
-    assert 2 <= killed["epochs_logged"] < 6
-    client, runs = runs_of(uri, name)
-    assert len(runs) == 1
-    assert steps(client, runs[0]) == [1, 2, 3, 4, 5, 6]  # resumed after the last checkpoint: no gaps, no repeats
-    assert killed["child_gone"]  # the old child ended (and was reaped) while the sweep went on
+    killed, _ = train_killing_a_process_mid_run(tmp_path, "kill-" + victim.split()[0], the_victim)
+    assert killed["watch_gone"]  # the old child ended (and was reaped) while the sweep went on
     # The sweep's end stopped the fork server too.
     assert not [a for a in list_actors(filters=[("state", "=", "ALIVE")]) if a.class_name == "ForkServer"]
 
