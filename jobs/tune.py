@@ -148,8 +148,6 @@ def run_sweep(sweep: SweepConfig, space: dict, base: HyperParams, data: DataConf
             **sweep.model_dump(), **scaling_params, **{f"space_{k}": v for k, v in space.items()},
             **{f"base_{k}": v for k, v in base.model_dump().items()}}, resolved)
 
-    if not uses_torchtrainer(sweep, resources):
-        start_fork_servers()  # they import torch while Tune starts up
     trainable = make_trainable(sweep, base, resources, data_ref, sweep_dir)
     logger = tracking.TrialLogger(
         tracking_uri, experiment_id, parent_run_id,
@@ -229,7 +227,9 @@ def make_trainable(sweep, base, resources, data_ref, sweep_dir):
         # The driver only waits on its TorchTrainer: it holds no CPU or GPU (the workers do),
         # just a token amount of memory because Tune needs some resource to place it.
         return tune.with_resources(trainable, {"cpu": 0, "memory": DRIVER_MEMORY_BYTES})
-    # The trial holds its worker's CPUs and GPU share; its forked child trains on them.
+    # The trial holds its worker's CPUs and GPU share; its forked child trains on them. The fork
+    # servers start now, so they import torch while Tune starts up rather than in the first trials.
+    start_fork_servers()
     return tune.with_resources(tune.with_parameters(trial_driver, **bound),
                                {"cpu": resources.cpus_per_worker, "gpu": resources.gpus_per_worker})
 
