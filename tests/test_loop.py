@@ -120,7 +120,8 @@ def test_trainer_leaves_no_placement_group_or_cleaner_behind(ray_runtime, tmp_pa
     import ray
     from ray.util.state import list_actors
 
-    from trainables.trainer import PlacementGroupCleanerStoppedInPassing, build_trainer
+    from trainables.controller import PlacementGroupCleanerStoppedInPassing
+    from trainables.trainer import build_trainer
 
     trainer = build_trainer(HyperParams(epochs=1, batch_size=64), Resources(), ray.put(splits), "tidy",
                             str(tmp_path))

@@ -12,6 +12,7 @@ from ray.train.v2._internal.callbacks.placement_group_callback import PlacementG
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from trainables.config import HyperParams, Resources
+from trainables.controller import PlacementGroupCleanerStoppedInPassing, ProcessGroupConfig
 from trainables.loop import train_loop_per_worker
 from trainables.trial import trial_hparams
 
@@ -26,22 +27,6 @@ HEALTH_CHECK_INTERVAL = ("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 # node restarts the trial from there. Off by default; a user's value wins.
 PREEMPTION_WATCHER = ("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 TRAINER_DEFAULTS = (HEALTH_CHECK_INTERVAL, PREEMPTION_WATCHER)
-
-
-class PlacementGroupCleanerStoppedInPassing(PlacementGroupCleanerCallback):
-    """Train's placement-group cleaner, told to stop without waiting for it to finish.
-
-    The cleaner removes a run's placement group if the controller dies without doing so. At a
-    normal end the controller has removed the group already and then waits for the cleaner's
-    monitor thread, which only looks up every second: 0.5-1 s at the end of every trial.
-    Told in passing, the cleaner still stops (or finds the controller gone and the group
-    removed, and exits), so nothing is left behind and no trial waits.
-    """
-
-    def _stop_cleaner(self):
-        if self._cleaner:
-            self._cleaner.stop.remote()
-            self._cleaner = None
 
 
 class LeNetTorchTrainer(TorchTrainer):
@@ -97,6 +82,7 @@ def build_trainer(
     return LeNetTorchTrainer(
         train_loop_per_worker,
         train_loop_config=worker_config(hparams, resources, data_ref),
+        torch_config=ProcessGroupConfig(),  # TorchConfig's setup, minus torch in the controller
         scaling_config=ScalingConfig(
             num_workers=resources.workers_per_trial,
             use_gpu=resources.use_gpu,
