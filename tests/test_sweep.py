@@ -59,6 +59,10 @@ def test_one_metric_point_per_epoch(sweep):
         assert [m.step for m in client.get_metric_history(child.info.run_id, "startup_seconds")] == [1]
         # ASHA may stop trials early; such trials are tagged so users can tell.
         assert child.data.tags["stopped_early"] == ("true" if epochs_run < 2 else "false")
+        assert child.data.tags["diverged"] == "false"
+        # The trial's best epoch, for sorting runs in the UI.
+        history = [m.value for m in client.get_metric_history(child.info.run_id, "val_acc")]
+        assert child.data.metrics["best_val_acc"] == max(history)
 
 
 def test_champion_is_registered_with_test_evaluation(sweep):
