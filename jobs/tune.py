@@ -152,7 +152,7 @@ def run_sweep(sweep: SweepConfig, space: dict, base: HyperParams, data: DataConf
     logger = tracking.TrialLogger(
         tracking_uri, experiment_id, parent_run_id,
         lambda config: {**trial_hparams(base, config).model_dump(), **scaling_params},
-        tags, base.epochs, new_sweep=not resume)
+        tags, base.epochs)
     if resume:
         # Tune keeps the search space, searcher state and callbacks (our TrialLogger) in the folder.
         tuner = tune.Tuner.restore(sweep_dir, trainable, resume_unfinished=True, resume_errored=True)

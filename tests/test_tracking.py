@@ -15,7 +15,7 @@ def make_logger(tmp_path):
     experiment_id = tracking.configure(uri, "lenet-cifar10")
     parent = tracking.open_parent_run(uri, experiment_id, "unit", False, {"sweep": "unit"}, {}, {})
     logger = tracking.TrialLogger(uri, experiment_id, parent, lambda config: dict(config), {"sweep": "unit"},
-                                  max_epochs=2, new_sweep=True)
+                                  max_epochs=2)
     return mlflow.MlflowClient(uri), experiment_id, logger
 
 

@@ -145,7 +145,7 @@ class TrialLogger(tune.Callback):
     """
 
     def __init__(self, tracking_uri: str, experiment_id: str, parent_run_id: str | None,
-                 trial_params, tags: dict, max_epochs: int, new_sweep: bool = False):
+                 trial_params, tags: dict, max_epochs: int):
         self.tracking_uri = tracking_uri
         self.experiment_id = experiment_id
         self.parent_run_id = parent_run_id
@@ -154,20 +154,15 @@ class TrialLogger(tune.Callback):
         self.max_epochs = max_epochs
         self.run_ids: dict[str, str] = {}  # trial_id -> MLflow run id
         self.logged_epochs: dict[str, set[int]] = {}
-        self.best_val_acc: dict[str, float] = {}  # trial_id -> best val_acc MLflow has (for best_val_acc)
         self.started_at: dict[str, float] = {}  # trial_id -> time.time() when Tune launched it
         self.broken = False  # set at the first MLflow failure: warn once, then stop logging
-        # True for a sweep started now: no trial of it can have a run yet, so none is looked for.
-        self.new_sweep = new_sweep
         self._writer: ThreadPoolExecutor | None = None  # started by the first hook; not pickled
 
     def __getstate__(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if k != "_writer"}
 
-    def __setstate__(self, state: dict) -> None:
-        # Tune pickles its callbacks with the sweep and restores them when it resumes, when trials may
-        # have runs already: look for them. (One saved by an older version lacks newer fields.)
-        self.__dict__.update({"best_val_acc": {}, **state, "new_sweep": False, "_writer": None})
+    def __setstate__(self, state: dict) -> None:  # Tune restores its callbacks when a sweep resumes
+        self.__dict__.update({**state, "_writer": None})
 
     @property
     def client(self) -> MlflowClient:
@@ -179,13 +174,11 @@ class TrialLogger(tune.Callback):
         if trial.trial_id in self.run_ids:
             return self.run_ids[trial.trial_id]
         client = self.client
-        existing = None if self.new_sweep else find_child_run(client, self.experiment_id, self.parent_run_id,
-                                                              trial.trial_id)
+        existing = find_child_run(client, self.experiment_id, self.parent_run_id, trial.trial_id)
         if existing:  # resumed sweep: continue the same run
             run_id = existing.info.run_id
             history = client.get_metric_history(run_id, "val_acc")
             self.logged_epochs[trial.trial_id] = {int(m.step) for m in history}
-            self._note_val_acc(trial.trial_id, *(m.value for m in history))
             if reopen:
                 client.update_run(run_id, status="RUNNING")
         else:
@@ -263,12 +256,6 @@ class TrialLogger(tune.Callback):
         tags = [RunTag("diverged", "true")] if result.get("diverged") else []
         self.client.log_batch(run_id, metrics=metrics, tags=tags)
         seen.add(epoch)  # only once MLflow has it
-        self._note_val_acc(trial.trial_id, *(m.value for m in metrics if m.key == "val_acc"))
-
-    def _note_val_acc(self, trial_id: str, *values: float) -> None:
-        finite = [v for v in values if math.isfinite(v)]
-        if finite:
-            self.best_val_acc[trial_id] = max(finite + [self.best_val_acc.get(trial_id, -math.inf)])
 
     def backfill(self, results) -> int:
         """Log every epoch MLflow missed from Ray's own results; returns the points added.
@@ -300,7 +287,7 @@ class TrialLogger(tune.Callback):
         return added
 
     def _finish(self, trial, status: str) -> None:
-        # One batch and the status: this runs in Tune's event loop, between other trials' events.
+        # The tags and the best as one batch, then the status (a run reads FINISHED only when complete).
         run_id = self.run_id_for(trial)
         last = trial.last_result or {}
         epochs_run = int(last.get("epoch", 0))
@@ -309,11 +296,12 @@ class TrialLogger(tune.Callback):
         tags = [RunTag("epochs_run", str(epochs_run)), RunTag("diverged", "true" if diverged else "false"),
                 RunTag("stopped_early", "true" if stopped else "false")]
         metrics = []
+        client = self.client
         best = last.get("val_acc")
         if isinstance(best, (int, float)) and math.isfinite(best):
-            self._note_val_acc(trial.trial_id, best)
-            metrics.append(Metric("best_val_acc", self.best_val_acc[trial.trial_id], int(time.time() * 1000), 0))
-        client = self.client
+            history = client.get_metric_history(run_id, "val_acc")
+            best = max([m.value for m in history] + [best])
+            metrics.append(Metric("best_val_acc", best, int(time.time() * 1000), 0))
         client.log_batch(run_id, metrics=metrics, tags=tags)
         client.set_terminated(run_id, status)
 
