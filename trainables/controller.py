@@ -34,7 +34,7 @@ logger = logging.getLogger(__name__)
 class ProcessGroupConfig(BackendConfig):
     """TorchConfig's fields, for TorchTrainer(torch_config=...); TorchTrainer fills in `backend`."""
 
-    backend: str | None = None  # "gloo" on CPUs, "nccl" on GPUs: TorchTrainer picks when None
+    backend: str | None = None  # "gloo" on CPUs, "nccl" on GPUs: TorchTrainer picks it when None
     timeout_s: int = 1800  # seconds a collective may wait before the process group fails (TorchConfig's)
 
     @property
@@ -74,8 +74,7 @@ class ProcessGroupBackend(Backend):
     share_cuda_visible_devices: bool = True
 
     def on_start(self, worker_group, backend_config: ProcessGroupConfig) -> None:
-        gpus = worker_group.get_resources_per_worker().get("GPU", 0)
-        backend = backend_config.backend or ("nccl" if gpus else "gloo")
+        backend = backend_config.backend  # TorchTrainer chose it: gloo, or nccl when the workers have GPUs
         addr, port = worker_group.execute_single(0, get_address_and_port)
         worker_group.execute(set_master_address, addr=addr, port=port)
         # RANK, LOCAL_RANK, WORLD_SIZE...: what torch.distributed expects before init_process_group.
