@@ -156,15 +156,15 @@ class SweepClock:
         from trainables import tracking
 
         self.callback_seconds, self.callback_calls = 0.0, 0
-        self.writer_seconds = 0.0  # TrialLogger's writer thread running MLflow's calls (off Tune's loop)
         self.trials: dict[str, dict] = {}
         self.phase_seconds: dict[str, float] = defaultdict(float)
         self.patches = [mock.patch.object(tracking.TrialLogger, hook, self._hook(hook, getattr(tracking.TrialLogger, hook)))
                         for hook in self.HOOKS]
         self.patches += [mock.patch.object(jobs.tune, name, self._phase(name, getattr(jobs.tune, name)))
                          for name in ("load_splits", "fit_noting_interrupts", "finish_sweep")]
-        writer_step = self._writer(tracking.TrialLogger._safely)
-        self.patches.append(mock.patch.object(tracking.TrialLogger, "_safely", writer_step))
+        # Every step TrialLogger's writer thread runs (MLflow's calls, off Tune's loop) goes through _safely.
+        self.patches.append(mock.patch.object(tracking.TrialLogger, "_safely",
+                                              self._phase("trial_logger_writer", tracking.TrialLogger._safely)))
         for patch in self.patches:
             patch.start()
         self.started = time.time()
@@ -196,15 +196,6 @@ class SweepClock:
             finally:
                 clock.callback_seconds += time.perf_counter() - started
                 clock.callback_calls += 1
-        return timed
-
-    def _writer(self, original):
-        def timed(logger, *args):
-            started = time.perf_counter()
-            try:
-                return original(logger, *args)
-            finally:
-                self.writer_seconds += time.perf_counter() - started
         return timed
 
     def _phase(self, name: str, original):
@@ -309,8 +300,8 @@ def sweep_overhead(label: str, resources: Resources, runner: str, data: DataConf
         "finish_seconds": clock.phase_seconds["finish_sweep"],  # test evaluation, model logging, report
         "tracking_callback_seconds": clock.callback_seconds, "tracking_callback_calls": clock.callback_calls,
         "tracking_share_of_fit": clock.callback_seconds / fit_seconds,
-        "tracking_writer_seconds": clock.writer_seconds,
-        "tracking_writer_share_of_fit": clock.writer_seconds / fit_seconds,
+        "tracking_writer_seconds": clock.phase_seconds["trial_logger_writer"],
+        "tracking_writer_share_of_fit": clock.phase_seconds["trial_logger_writer"] / fit_seconds,
         "per_trial": rows, **load,
     }
 
